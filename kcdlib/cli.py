@@ -1,0 +1,192 @@
+"""The ``kcd`` command line: train teachers, distil students, build the book.
+
+Every run goes through the run store, so a finished run is reused and a killed one resumes. Errors caused by the
+input (an unknown name, a missing dataset, a checkpoint of another architecture) print one paragraph on standard
+error and exit with status 2; the record's path is the last line of standard output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+
+import torch
+
+from . import models
+from .data import DATASETS
+from .distillers import DISTILLERS
+from .errors import BadOption, KcdError, UnknownName
+from .methods import METHODS
+from .runs import RunConfig, RunStore, distill_config, teacher_config
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BadOption(f"device '{name}' was asked for, but this machine has no CUDA device; use --device cpu")
+    try:
+        torch.device(name)
+    except RuntimeError as err:
+        raise BadOption(f"unknown device '{name}': use cpu, cuda, cuda:N or auto") from err
+    return name
+
+
+def check_name(kind: str, name: str, known) -> None:
+    if name not in known:
+        raise UnknownName(f"unknown {kind} '{name}'; known {kind}s: {', '.join(sorted(known))}")
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="digits", help="digits (embedded, default), cifar100 or imagenet")
+    p.add_argument("--data-root", default="data", help="folder holding cifar-100-python/ or imagenet train/ val/")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the dataset's protocol; lr milestones scale)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
+    p.add_argument("--runs-dir", default="runs", help="the run store (default: ./runs)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kcd",
+        description="Knowledge Condensation Distillation (ECCV 2022), reproduced. Every run is recorded under "
+        "--runs-dir/<config hash>/record.json; finished runs are reused, interrupted ones resume.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent(
+            """\
+            examples:
+              kcd teacher --dataset digits --arch resnet20
+              kcd distill --dataset digits --teacher resnet20 --student resnet8 --distiller kd
+              kcd distill --dataset cifar100 --data-root ~/data --teacher-ckpt wrn_40_2.pth \\
+                          --teacher-arch wrn_40_2 --student wrn_16_2 --device cuda"""
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("teacher", help="train (or reuse) a teacher with cross-entropy")
+    t.add_argument("--arch", required=True, help="architecture, e.g. resnet32x4, wrn_40_2 (see `kcd models`)")
+    add_common(t)
+
+    d = sub.add_parser("distill", help="distil a student from a teacher run or a teacher checkpoint")
+    src = d.add_mutually_exclusive_group(required=True)
+    src.add_argument("--teacher", metavar="ARCH", help="use (training first if missing) the cached teacher run")
+    src.add_argument("--teacher-ckpt", metavar="PATH", help="a RepDistiller checkpoint {'model': state_dict}")
+    d.add_argument("--teacher-arch", help="architecture of --teacher-ckpt (default: guessed from the file name)")
+    d.add_argument("--student", required=True, help="student architecture")
+    d.add_argument("--distiller", default="kd", help=f"one of: {', '.join(sorted(set(DISTILLERS) - {'ce'}))}")
+    d.add_argument("--method", default="kd", help=f"one of: {', '.join(sorted(METHODS))} (default kd)")
+    d.add_argument("--teacher-epochs", type=int, help="epochs of the cached teacher run (default: the protocol)")
+    k = d.add_argument_group("KCD (--method kcd)")
+    k.add_argument("--rho", type=float, help="final condensation ratio ρ (default 0.7)")
+    k.add_argument("--alpha", type=float, help="cost-aware exponent α of (F/T)^α·V (default 0.03)")
+    k.add_argument("--stage-epochs", type=int, help="epochs per stage T (default: epochs/6, the paper's 40 of 240)")
+    k.add_argument("--schedule", choices=["paper", "official"], help="keep-ratio schedule: paper (Eq. 16, default) "
+                   "or official (the released code's)")  # fmt: skip
+    k.add_argument("--augment", choices=["K1L", "K1H", "random", "none"], help="knowledge augmentation (default K1L)")
+    k.add_argument("--eps-m", type=float, help="ε_m, the smallest mixing ratio (default 0.7)")
+    k.add_argument("--value", choices=["entropy", "random"], help="value estimate; random = ablation baseline")
+    u = d.add_argument_group("UNIX (--method unix)")
+    u.add_argument("--unix-k", type=int, help="samples distilled per batch k (default 48)")
+    u.add_argument("--unix-b", type=int, help="mixup mask centre b (default 32)")
+    u.add_argument("--unix-w", type=float, help="mixup mask steepness w (default 10)")
+    add_common(d)
+
+    sub.add_parser("models", help="list the architectures")
+    return parser
+
+
+def guess_arch(path: str) -> str:
+    """The architecture a RepDistiller checkpoint's path names (``.../wrn_40_2_vanilla/ckpt_epoch_240.pth``)."""
+    matches = [a for a in models.ARCHS if a in path]
+    if not matches:
+        raise BadOption(f"cannot tell the architecture of '{path}' from its name: pass --teacher-arch")
+    return max(matches, key=len)
+
+
+METHOD_FLAGS = {
+    "kcd": {"rho": "rho", "alpha": "alpha", "stage_epochs": "stage_epochs", "schedule": "schedule",
+            "augment": "augment", "eps_m": "eps_m", "value": "value"},
+    "unix": {"unix_k": "k", "unix_b": "b", "unix_w": "w"},
+}  # fmt: skip
+
+
+def method_options(args) -> dict:
+    """The method's options given on the command line; a flag of another method is an error."""
+    options = {}
+    for method, flags in METHOD_FLAGS.items():
+        for flag, option in flags.items():
+            value = getattr(args, flag)
+            if value is None:
+                continue
+            if method != args.method:
+                raise BadOption(f"--{flag.replace('_', '-')} belongs to --method {method}, not {args.method}")
+            options[option] = value
+    return options
+
+
+def config_from_args(args) -> RunConfig:
+    check_name("dataset", args.dataset, DATASETS)
+    if args.command == "teacher":
+        check_name("architecture", args.arch, models.ARCHS)
+        return teacher_config(args.dataset, args.arch, args.seed, args.epochs)
+    check_name("architecture", args.student, models.ARCHS)
+    check_name("distiller", args.distiller, DISTILLERS)
+    check_name("method", args.method, METHODS)
+    if args.distiller == "ce":
+        raise BadOption("'ce' trains without a teacher: use `kcd teacher`")
+    if args.teacher:
+        check_name("architecture", args.teacher, models.ARCHS)
+        teacher = teacher_config(args.dataset, args.teacher, 0, args.teacher_epochs)
+        return distill_config(
+            args.dataset, args.student, teacher=teacher, distiller=args.distiller, method=args.method,
+            method_options=method_options(args), epochs=args.epochs, seed=args.seed,
+        )  # fmt: skip
+    arch = args.teacher_arch or guess_arch(args.teacher_ckpt)
+    check_name("architecture", arch, models.ARCHS)
+    return distill_config(
+        args.dataset, args.student, teacher_checkpoint=args.teacher_ckpt, teacher_arch=arch,
+        distiller=args.distiller, method=args.method, method_options=method_options(args), epochs=args.epochs,
+        seed=args.seed,
+    )  # fmt: skip
+
+
+def summary_line(cfg: RunConfig, rec: dict) -> str:
+    who = cfg.arch if cfg.kind == "teacher" else f"{cfg.teacher_arch} -> {cfg.arch} ({cfg.distiller}, {cfg.method})"
+    return (
+        f"{cfg.kind} {who} on {cfg.dataset}: top-1 {rec['final_top1']:.2f} % (best {rec['best_top1']:.2f}), "
+        f"top-5 {rec['final_top5']:.2f} %, computation {100 * rec['computation']:.1f} %, "
+        f"{rec['wall_seconds']:.1f} s"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "models":
+            print("\n".join(models.ARCHS))
+            return 0
+        cfg = config_from_args(args)
+        store = RunStore(args.runs_dir, args.data_root, resolve_device(args.device))
+        rec = store.ensure(cfg, progress=not args.no_progress)
+        print(summary_line(cfg, rec))
+        print(store.path(cfg) / "record.json")
+        return 0
+    except KcdError as err:
+        print(f"kcd: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(
+            "kcd: interrupted; run the same command again to resume from the last finished epoch",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

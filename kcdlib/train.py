@@ -1,0 +1,284 @@
+"""The engine: teacher training and distillation with the paper's protocol, one epoch at a time.
+
+Every epoch: the method names the knowledge points to train on (``K^t``), the data yields augmented batches over
+them, the frozen teacher gives its hint on each batch, the distiller turns both forwards into losses, and SGD
+steps. Per step the engine hands the method each sample's point index and the entropy of the student's softmax
+from that same forward (KCD's values; no extra pass). After the epoch it evaluates top-1/top-5 on the test split
+and lets the method end the epoch (KCD's E-step at stage boundaries).
+
+Protocol (RepDistiller, which the paper follows): SGD momentum 0.9, weight decay 5e-4, batch 64, lr 0.05 (0.01
+for MobileNetV2/ShuffleNets), ×0.1 at 150/240, 180/240 and 210/240 of the epochs; the reported accuracy is the
+last epoch's top-1, the best is recorded too.
+
+All randomness of epoch ``e`` is seeded by ``(seed, e)``, so a run resumed from the checkpoint of epoch ``e - 1``
+continues exactly as an uninterrupted one (on CPU; cuDNN may differ in the last bits).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import epoch_generator
+from .distillers import Distiller
+from .methods import Method
+
+# Architectures that RepDistiller trains with lr 0.01 instead of 0.05.
+LOW_LR_ARCHS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Optimisation schedule. ``milestones`` are fractions of ``epochs`` after which lr is multiplied by
+    ``lr_decay`` (paper: 150/240, 180/240, 210/240, so a shorter run keeps the same shape)."""
+
+    epochs: int
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: tuple[float, ...] = (150 / 240, 180 / 240, 210 / 240)
+    lr_decay: float = 0.1
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of 1-based ``epoch``: decayed once for each milestone epoch already passed."""
+        passed = sum(epoch > round(m * self.epochs) for m in self.milestones)
+        return self.lr * self.lr_decay**passed
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+
+def default_recipe(dataset: str, arch: str, epochs: int | None = None) -> Recipe:
+    """The dataset's protocol for one architecture; ``epochs`` overrides the length (milestones scale)."""
+    lr = 0.01 if arch in LOW_LR_ARCHS else 0.05
+    if dataset == "imagenet":
+        return Recipe(epochs or 90, batch_size=256, lr=0.1, weight_decay=1e-4, milestones=(30 / 90, 60 / 90, 80 / 90))
+    if dataset == "digits":
+        # 1,437 points: 30 epochs are 690 steps of 64, enough for the small networks to converge.
+        return Recipe(epochs or 30, lr=lr)
+    return Recipe(epochs or 240, lr=lr)
+
+
+def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """``H(softmax(z)) = -Σ p log p`` per sample, at temperature 1, in fp32."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    return -(logp.exp() * logp).sum(dim=1)
+
+
+def forward(model: nn.Module, x: torch.Tensor, features: bool):
+    """``(feats, logits)`` when ``features`` else ``(None, logits)``."""
+    if features:
+        return model(x, is_feat=True)
+    return None, model(x)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, batch_size: int = 256) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (%) on the test split."""
+    model.eval()
+    top1 = top5 = total = 0
+    for x, y in data.test_batches(batch_size):
+        logits = model(x)
+        k = min(5, logits.shape[1])
+        hits = logits.topk(k, dim=1).indices.eq(y.view(-1, 1))
+        top1 += hits[:, 0].sum()
+        top5 += hits.any(dim=1).sum()
+        total += y.shape[0]
+    return 100.0 * float(top1) / total, 100.0 * float(top5) / total
+
+
+class Trainer:
+    """Trains ``student`` (from ``teacher`` when the distiller needs one) on ``data`` for ``recipe.epochs``.
+
+    Counts ``points_distilled``: knowledge points fed to the teacher (KD: ``N`` per epoch). Resumable through
+    ``state_dict``/``load_state_dict`` between epochs.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        data,
+        recipe: Recipe,
+        distiller: Distiller,
+        teacher: nn.Module | None = None,
+        method: Method | None = None,
+        seed: int = 0,
+        progress: bool = True,
+    ):
+        from .methods import MethodContext
+
+        if distiller.needs_teacher and teacher is None:
+            raise ValueError(f"distiller '{distiller.name}' needs a teacher")
+        self.student, self.data, self.recipe, self.distiller = student, data, recipe, distiller
+        self.teacher = teacher if distiller.needs_teacher else None
+        self.method = method or Method(MethodContext(data.num_train, recipe.epochs, seed))
+        self.seed, self.progress = seed, progress
+        params = list(student.parameters()) + list(distiller.parameters())
+        self.optimizer = torch.optim.SGD(
+            params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+        )
+        # The run's own copy of the training images, only when the method writes into it (KCD's augmentation):
+        # the dataset the user handed in stays as it was.
+        self.images = data.train_images.clone() if self.method.modifies_images else None
+        self.epoch = 0  # epochs completed
+        self.points_distilled = 0
+        self.points_trained = 0
+        self.history: list[dict[str, Any]] = []
+        self.wall_seconds = 0.0
+        self.step_hooks: list[Callable[[torch.Tensor, torch.Tensor], None]] = []
+
+    # -- one epoch -------------------------------------------------------------------------------------------
+    def train_pass(self, epoch: int, points: torch.Tensor | None) -> dict[str, Any]:
+        """One pass of SGD over the knowledge points ``points`` (all when None) with epoch ``epoch``'s seeds.
+
+        Returns the number of samples trained, their mean loss and training accuracy.
+        """
+        # Seed everything random inside the epoch (CRD's negatives, UNIX's mixup) from (seed, epoch).
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=epoch_generator(self.seed, epoch, salt=1))))
+        lr = self.recipe.lr_at(epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        n_points = self.data.num_train if points is None else int(points.numel())
+        self.student.train()
+        self.distiller.train()
+        if self.teacher is not None:
+            self.teacher.eval()
+        features = self.distiller.needs_features
+        device = self.data.device
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        steps = -(-n_points // self.recipe.batch_size)
+        batches = self.data.train_batches(points, self.recipe.batch_size, self.seed, epoch, images=self.images)
+        for batch in _bar(batches, steps, f"epoch {epoch}/{self.recipe.epochs}", self.progress):
+            x, y, idx = self.method.select(batch, self.student)
+            t_feats = t_logits = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    t_feats, t_logits = forward(self.teacher, x, features)
+                self.points_distilled += x.shape[0]
+            s_feats, s_logits = forward(self.student, x, features)
+            losses = self.distiller(s_feats, s_logits, t_feats, t_logits, y, idx)
+            loss = sum(losses.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            logits = s_logits.detach()
+            entropy = softmax_entropy(logits)
+            self.method.observe(idx, entropy)
+            for hook in self.step_hooks:
+                hook(idx, entropy)
+            loss_sum += loss.detach() * x.shape[0]
+            correct += logits.argmax(dim=1).eq(y).sum()
+            seen += x.shape[0]
+        self.points_trained += seen
+        # One host synchronisation per epoch, here, not per step.
+        return {
+            "lr": lr,
+            "points": seen,
+            "train_loss": float(loss_sum) / max(seen, 1),
+            "train_top1": 100.0 * float(correct) / max(seen, 1),
+        }
+
+    def train_epoch(self) -> dict[str, Any]:
+        """Train the next epoch on the method's points, evaluate, and let the method end the epoch."""
+        epoch = self.epoch + 1
+        start = time.perf_counter()
+        row = {"epoch": epoch, **self.train_pass(epoch, self.method.epoch_points(epoch))}
+        row["top1"], row["top5"] = evaluate(self.student, self.data)
+        row.update(self.method.end_epoch(epoch, self.images))
+        row["seconds"] = time.perf_counter() - start
+        self.wall_seconds += row["seconds"]
+        self.epoch = epoch
+        self.history.append(row)
+        return row
+
+    def run(self, on_epoch_end: Callable[[Trainer], None] | None = None) -> None:
+        """Train the remaining epochs; ``on_epoch_end`` is the place to checkpoint."""
+        bar = _bar(range(self.epoch, self.recipe.epochs), self.recipe.epochs, "epochs", self.progress, self.epoch)
+        for _ in bar:
+            row = self.train_epoch()
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(top1=f"{row['top1']:.2f}", loss=f"{row['train_loss']:.3f}")
+            if on_epoch_end is not None:
+                on_epoch_end(self)
+
+    # -- results ---------------------------------------------------------------------------------------------
+    def results(self) -> dict[str, Any]:
+        """Accuracies, counted passes and computation.
+
+        ``computation`` is the supplement's Eq. 18 with ``B_s ≈ F_s`` on the counted passes, relative to KD on
+        the same data and epochs: ``(N_t + (N_s1 + N_s2)·Fs/Ft) / (N·I·(1 + 2·Fs/Ft))``. It is exactly the
+        fraction of knowledge points distilled when every distilled point is also a student step (KD, KCD), and
+        UNIX's cost when the student also runs a selection pass.
+        """
+        top1 = [r["top1"] for r in self.history]
+        full = self.data.num_train * self.recipe.epochs
+        n_t = self.points_distilled
+        n_s1 = self.points_trained + self.method.extra_student_forwards
+        n_s2 = self.points_trained
+        if self.teacher is None:
+            computation = n_s2 / full
+        else:
+            r = self.method.context.fs_over_ft
+            computation = (n_t + (n_s1 + n_s2) * r) / (full * (1 + 2 * r))
+        return {
+            "final_top1": top1[-1] if top1 else None,
+            "best_top1": max(top1) if top1 else None,
+            "final_top5": self.history[-1]["top5"] if self.history else None,
+            "points_distilled": n_t,
+            "points_trained": n_s2,
+            "passes": {"N_t": n_t, "N_s1": n_s1, "N_s2": n_s2},
+            "computation": computation,
+            "computation_formula": 1.0,
+            "wall_seconds": self.wall_seconds,
+            "epochs": self.history,
+            **self.method.summary(),
+        }
+
+    # -- checkpointing ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "student": self.student.state_dict(),
+            "distiller": self.distiller.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "method": self.method.state_dict(),
+            "extra_student_forwards": self.method.extra_student_forwards,
+            "images": self.images,
+            "points_distilled": self.points_distilled,
+            "points_trained": self.points_trained,
+            "history": self.history,
+            "wall_seconds": self.wall_seconds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = state["epoch"]
+        self.student.load_state_dict(state["student"])
+        self.distiller.load_state_dict(state["distiller"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.method.load_state_dict(state["method"])
+        self.method.extra_student_forwards = state["extra_student_forwards"]
+        if state.get("images") is not None:
+            self.images = state["images"].to(self.data.device)
+        self.points_distilled = state["points_distilled"]
+        self.points_trained = state["points_trained"]
+        self.history = state["history"]
+        self.wall_seconds = state["wall_seconds"]
+
+
+def _bar(iterable, total, desc, enabled, initial=0):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, initial=initial, leave=desc == "epochs", dynamic_ncols=True)

@@ -1,0 +1,189 @@
+"""The engine and the run store on digits: accuracy, counting, hooks, reuse, resume after a kill, concurrency."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import CHILD_ENV, STUDENT, TEACHER_EPOCHS, run_cli, short_kd
+
+from kcdlib.methods import Method, MethodContext
+from kcdlib.runs import RunStore, distill_config
+from kcdlib.train import Recipe, Trainer, default_recipe, softmax_entropy
+
+VOLATILE = {"wall_seconds", "seconds"}
+
+
+def comparable(record):
+    """A record without the fields that measure time."""
+    rec = {k: v for k, v in record.items() if k not in VOLATILE}
+    rec["epochs"] = [{k: v for k, v in row.items() if k not in VOLATILE} for row in record["epochs"]]
+    return rec
+
+
+def test_digits_teacher_is_clearly_good(store, digits_teacher):
+    rec = store.record(digits_teacher)
+    assert rec["final_top1"] > 90.0, rec["final_top1"]  # chance is 10 %
+    assert rec["best_top1"] >= rec["final_top1"]
+    assert len(rec["epochs"]) == TEACHER_EPOCHS
+    assert (store.path(digits_teacher) / "model.pt").exists()
+    assert not (store.path(digits_teacher) / "checkpoint.pt").exists()
+
+
+def test_kd_student_far_above_chance_and_counted(store, digits_teacher):
+    cfg = distill_config("digits", STUDENT, teacher=digits_teacher, distiller="kd")
+    rec = store.ensure(cfg, progress=False)
+    assert rec["final_top1"] > 80.0, rec["final_top1"]
+    n = 1437
+    assert rec["points_distilled"] == n * cfg.recipe.epochs
+    assert rec["computation"] == 1.0
+    for key in ("config", "final_top1", "best_top1", "final_top5", "wall_seconds", "versions", "device", "git_commit"):
+        assert key in rec
+    assert rec["versions"]["torch"] == torch.__version__
+    assert rec["config"]["teacher"]["arch"] == digits_teacher.arch
+
+
+def test_finished_run_is_reused_not_retrained(store, digits_teacher):
+    cfg = short_kd(digits_teacher, epochs=2)
+    first = store.ensure(cfg, progress=False)
+    start = time.perf_counter()
+    again = RunStore(store.root, device="cpu").ensure(cfg, progress=False)
+    assert again == first
+    assert time.perf_counter() - start < 2.0
+
+
+def test_config_hash_is_canonical(digits_teacher):
+    a = short_kd(digits_teacher, method_options={"rho": 0.7, "alpha": 0.03})
+    b = short_kd(digits_teacher, method_options={"alpha": 0.03, "rho": 0.7})
+    assert a.hash == b.hash
+    assert short_kd(digits_teacher, seed=1).hash != a.hash
+    assert short_kd(digits_teacher, epochs=5).hash != short_kd(digits_teacher, epochs=4).hash
+
+
+class HalfSet(Method):
+    """A method that trains on the even points only, and remembers what the step hook saw."""
+
+    name = "half"
+
+    def __init__(self, context):
+        super().__init__(context)
+        self.seen, self.entropies = [], []
+
+    def epoch_points(self, epoch):
+        return torch.arange(0, self.context.num_points, 2)
+
+    def observe(self, indices, entropies):
+        self.seen.append(indices.clone())
+        self.entropies.append(entropies.clone())
+
+
+def test_engine_hooks_subset_indices_and_entropy(store, digits_teacher):
+    trainer = store.build_trainer(short_kd(digits_teacher, epochs=1), progress=False)
+    method = HalfSet(MethodContext(trainer.data.num_train, 1, 0))
+    trainer.method = method
+    trainer.run()
+    seen = torch.cat(method.seen)
+    assert sorted(seen.tolist()) == list(range(0, 1437, 2))
+    ent = torch.cat(method.entropies)
+    assert ent.shape == seen.shape and torch.all(ent >= 0) and torch.all(ent <= torch.log(torch.tensor(10.0)) + 1e-5)
+    assert trainer.points_distilled == 719
+    assert trainer.results()["computation"] == 719 / 1437
+
+
+def test_entropy_of_uniform_and_peaked_logits():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]])
+    assert torch.allclose(softmax_entropy(logits), torch.tensor([torch.log(torch.tensor(4.0)), 0.0]), atol=1e-6)
+
+
+def test_lr_schedule_scales_with_the_run():
+    paper = default_recipe("cifar100", "resnet8x4")
+    assert paper.epochs == 240 and paper.batch_size == 64
+    assert [paper.lr_at(e) for e in (1, 150, 151, 180, 181, 210, 211, 240)] == pytest.approx([
+        0.05, 0.05, 0.005, 0.005, 0.0005, 0.0005, 0.00005, 0.00005,
+    ])  # fmt: skip
+    assert default_recipe("cifar100", "ShuffleV2").lr == 0.01
+    short = Recipe(epochs=24)
+    assert short.lr_at(15) == 0.05 and abs(short.lr_at(16) - 0.005) < 1e-12
+
+
+def test_killed_run_resumes_to_the_same_record(store, digits_teacher, tmp_path):
+    args = ["distill", "--dataset", "digits", "--teacher", digits_teacher.arch, "--teacher-epochs",
+            str(TEACHER_EPOCHS), "--student", STUDENT, "--epochs", "4", "--seed", "3", "--device", "cpu",
+            "--no-progress"]  # fmt: skip
+    cfg = short_kd(digits_teacher, epochs=4, seed=3)
+    # Uninterrupted, in its own store (with a copy of the teacher run), in a process like the killed one's
+    # (the same thread count: a different one changes the float sums' order).
+    clean_dir = tmp_path / "clean"
+    shutil.copytree(store.path(digits_teacher), clean_dir / digits_teacher.hash)
+    assert run_cli(*args, "--runs-dir", str(clean_dir)).returncode == 0
+    clean = json.loads((clean_dir / cfg.hash / "record.json").read_text())
+    # Interrupted: killed with SIGKILL in the middle of epoch 3, then run again.
+    killed_dir = tmp_path / "killed"
+    shutil.copytree(store.path(digits_teacher), killed_dir / digits_teacher.hash)
+    ckpt = killed_dir / cfg.hash / "checkpoint.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "kcdlib", *args, "--runs-dir", str(killed_dir)], env=CHILD_ENV)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if ckpt.exists() and torch.load(ckpt, weights_only=False)["epoch"] >= 2:
+            break
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed_dir / cfg.hash / "record.json").exists(), "the run finished before it could be killed"
+    done = run_cli(*args, "--runs-dir", str(killed_dir))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == str(killed_dir / cfg.hash / "record.json")
+    resumed = json.loads((killed_dir / cfg.hash / "record.json").read_text())
+    assert comparable(resumed) == comparable(clean)
+
+
+def test_two_processes_asking_for_one_run_train_it_once(store, digits_teacher, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(store.path(digits_teacher), runs / digits_teacher.hash)
+    args = [sys.executable, "-m", "kcdlib", "distill", "--dataset", "digits", "--teacher", digits_teacher.arch,
+            "--teacher-epochs", str(TEACHER_EPOCHS), "--student", STUDENT, "--epochs", "2", "--seed", "5",
+            "--device", "cpu", "--no-progress", "--runs-dir", str(runs)]  # fmt: skip
+    procs = [
+        subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e for _, e in outs]
+    paths = {o.strip().splitlines()[-1] for o, _ in outs}
+    assert len(paths) == 1
+    record = json.loads(open(paths.pop()).read())
+    # Both printed the same summary (same wall time: the second reused the first's record).
+    assert outs[0][0].splitlines()[0] == outs[1][0].splitlines()[0]
+    assert len(record["epochs"]) == 2
+
+
+def test_trainer_state_round_trip_continues_identically(store, digits_teacher):
+    cfg = short_kd(digits_teacher, epochs=2, seed=9)
+    straight = store.build_trainer(cfg, progress=False)
+    straight.run()
+    first = store.build_trainer(cfg, progress=False)
+    first.train_epoch()
+    state = first.state_dict()
+    second = store.build_trainer(cfg, progress=False)
+    second.load_state_dict(state)
+    second.run()
+    assert [r["top1"] for r in second.history] == [r["top1"] for r in straight.history]
+    for a, b in zip(second.student.state_dict().values(), straight.student.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_trainer_needs_a_teacher_for_kd(store):
+    from kcdlib.distillers import DistillContext, build
+
+    kd = build("kd", DistillContext(10, 10, 8, 8))
+    try:
+        Trainer(torch.nn.Linear(1, 1), store.dataset("digits"), Recipe(1), kd)
+    except ValueError as err:
+        assert "teacher" in str(err)
+    else:
+        raise AssertionError("a KD trainer without a teacher was accepted")
