@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import pickle
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -78,6 +78,7 @@ class DeviceDataset:
     mean: tuple[float, float, float] = CIFAR100_MEAN
     std: tuple[float, float, float] = CIFAR100_STD
     pad: int = 4
+    _stats: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_train(self) -> int:
@@ -97,9 +98,18 @@ class DeviceDataset:
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, C, H, W)`` -> float32, scaled to [0, 1] and standardised with the dataset's mean/std."""
-        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        mean, std = self._moments(images.device)
         return (images.float().div_(255.0) - mean) / std
+
+    def _moments(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Made once per device: a new tensor per batch would be a blocking host-to-device copy on CUDA.
+        key = str(device)
+        if key not in self._stats:
+            self._stats[key] = (
+                torch.tensor(self.mean, device=device).view(1, -1, 1, 1),
+                torch.tensor(self.std, device=device).view(1, -1, 1, 1),
+            )
+        return self._stats[key]
 
     def train_batches(
         self,

@@ -37,7 +37,7 @@ from .distillers import build as build_distiller
 from .errors import BadOption, CheckpointError
 from .methods import METHODS, MethodContext
 from .methods import build as build_method
-from .train import Recipe, Trainer, default_recipe
+from .train import PRECISIONS, Recipe, Trainer, default_recipe
 
 
 @dataclass(frozen=True)
@@ -86,9 +86,19 @@ class RunConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def teacher_config(dataset: str, arch: str, seed: int = 0, epochs: int | None = None) -> RunConfig:
+def teacher_config(
+    dataset: str, arch: str, seed: int = 0, epochs: int | None = None, precision: str = "fp32"
+) -> RunConfig:
     """A teacher trained with cross-entropy and the dataset's default recipe."""
-    return RunConfig(dataset=dataset, arch=arch, recipe=default_recipe(dataset, arch, epochs), seed=seed)
+    check_precision(precision)
+    return RunConfig(
+        dataset=dataset, arch=arch, recipe=default_recipe(dataset, arch, epochs), seed=seed, precision=precision
+    )
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise BadOption(f"unknown precision '{precision}': one of {', '.join(PRECISIONS)}")
 
 
 def distill_config(
@@ -106,6 +116,7 @@ def distill_config(
     precision: str = "fp32",
 ) -> RunConfig:
     """A distillation run of ``student`` from a teacher run or from a checkpoint file of ``teacher_arch``."""
+    check_precision(precision)
     if (teacher is None) == (teacher_checkpoint is None):
         raise BadOption("give exactly one teacher: a teacher run or a checkpoint file")
     sha = None
@@ -137,8 +148,11 @@ def distill_config(
 
 def file_sha256(path: str) -> str:
     try:
+        digest = hashlib.sha256()
         with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
     except OSError as err:
         raise CheckpointError(f"cannot read the teacher checkpoint '{path}': {err.strerror}") from err
 
@@ -259,7 +273,10 @@ class RunStore:
             size = (3, data.image_size, data.image_size)
             fs_over_ft = cost.forward_macs(student, size) / cost.forward_macs(teacher, size)
         method = self.method_for(cfg, fs_over_ft)
-        return Trainer(student, data, cfg.recipe, distiller, teacher, method, seed=cfg.seed, progress=progress)
+        return Trainer(
+            student, data, cfg.recipe, distiller, teacher, method, seed=cfg.seed, progress=progress,
+            precision=cfg.precision,
+        )  # fmt: skip
 
     def method_for(self, cfg: RunConfig, fs_over_ft: float):
         data = self.dataset(cfg.dataset)

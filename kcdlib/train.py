@@ -17,6 +17,7 @@ continues exactly as an uninterrupted one (on CPU; cuDNN may differ in the last 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -81,13 +82,25 @@ def forward(model: nn.Module, x: torch.Tensor, features: bool):
     return None, model(x)
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for the networks' forwards (losses are computed in fp32 outside it)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data, batch_size: int = 256) -> tuple[float, float]:
+def evaluate(model: nn.Module, data, batch_size: int = 256, precision: str = "fp32") -> tuple[float, float]:
     """Top-1 and top-5 accuracy (%) on the test split."""
     model.eval()
     top1 = top5 = total = 0
+    channels_last = data.device.type == "cuda"
     for x, y in data.test_batches(batch_size):
-        logits = model(x)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(data.device, precision):
+            logits = model(x)
         k = min(5, logits.shape[1])
         hits = logits.topk(k, dim=1).indices.eq(y.view(-1, 1))
         top1 += hits[:, 0].sum()
@@ -113,18 +126,33 @@ class Trainer:
         method: Method | None = None,
         seed: int = 0,
         progress: bool = True,
+        precision: str = "fp32",
+        compile: str = "off",
     ):
         from .methods import MethodContext
 
         if distiller.needs_teacher and teacher is None:
             raise ValueError(f"distiller '{distiller.name}' needs a teacher")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.student, self.data, self.recipe, self.distiller = student, data, recipe, distiller
         self.teacher = teacher if distiller.needs_teacher else None
         self.method = method or Method(MethodContext(data.num_train, recipe.epochs, seed))
-        self.seed, self.progress = seed, progress
+        self.seed, self.progress, self.precision = seed, progress, precision
+        # On CUDA: channels-last weights (tensor-core friendly; the crop's gather already yields channels-last
+        # batches) and cuDNN's autotuner. On CPU the weights keep the default layout.
+        self.channels_last = data.device.type == "cuda"
+        if self.channels_last:
+            torch.backends.cudnn.benchmark = True
+            for model in (student, self.teacher):
+                if model is not None:
+                    model.to(memory_format=torch.channels_last)
+        # What the training step calls: the networks themselves, or their torch.compile'd forms.
+        self._student = _compiled(student, compile)
+        self._teacher = None if self.teacher is None else _compiled(self.teacher, compile)
         params = list(student.parameters()) + list(distiller.parameters())
         self.optimizer = torch.optim.SGD(
-            params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+            params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, **_fast_step(data.device)
         )
         # The run's own copy of the training images, only when the method writes into it (KCD's augmentation):
         # the dataset the user handed in stays as it was.
@@ -159,14 +187,20 @@ class Trainer:
         seen = 0
         steps = -(-n_points // self.recipe.batch_size)
         batches = self.data.train_batches(points, self.recipe.batch_size, self.seed, epoch, images=self.images)
-        for batch in _bar(batches, steps, f"epoch {epoch}/{self.recipe.epochs}", self.progress):
-            x, y, idx = self.method.select(batch, self.student)
-            t_feats = t_logits = None
-            if self.teacher is not None:
-                with torch.no_grad():
-                    t_feats, t_logits = forward(self.teacher, x, features)
-                self.points_distilled += x.shape[0]
-            s_feats, s_logits = forward(self.student, x, features)
+        for x, y, idx in _bar(batches, steps, f"epoch {epoch}/{self.recipe.epochs}", self.progress):
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, self.precision):
+                x, y, idx = self.method.select((x, y, idx), self.student)
+                t_feats = t_logits = None
+                if self.teacher is not None:
+                    with torch.no_grad():
+                        t_feats, t_logits = forward(self._teacher, x, features)
+                    self.points_distilled += x.shape[0]
+                s_feats, s_logits = forward(self._student, x, features)
+            # Losses in fp32 whatever the networks ran in.
+            s_feats, t_feats = _fp32(s_feats), _fp32(t_feats)
+            s_logits, t_logits = s_logits.float(), None if t_logits is None else t_logits.float()
             losses = self.distiller(s_feats, s_logits, t_feats, t_logits, y, idx)
             loss = sum(losses.values())
             self.optimizer.zero_grad(set_to_none=True)
@@ -194,7 +228,7 @@ class Trainer:
         epoch = self.epoch + 1
         start = time.perf_counter()
         row = {"epoch": epoch, **self.train_pass(epoch, self.method.epoch_points(epoch))}
-        row["top1"], row["top5"] = evaluate(self.student, self.data)
+        row["top1"], row["top5"] = evaluate(self.student, self.data, precision=self.precision)
         row.update(self.method.end_epoch(epoch, self.images))
         row["seconds"] = time.perf_counter() - start
         self.wall_seconds += row["seconds"]
@@ -274,6 +308,42 @@ class Trainer:
         self.points_trained = state["points_trained"]
         self.history = state["history"]
         self.wall_seconds = state["wall_seconds"]
+
+
+COMPILE_MODES = ("off", "default", "reduce-overhead")
+
+
+class _Compiled:
+    """``torch.compile(model, mode)``, falling back to the eager model (with a warning) if compilation fails,
+    so the same code runs on any torch and device; ``reduce-overhead`` adds CUDA graphs (fixed shapes)."""
+
+    def __init__(self, model: nn.Module, mode: str):
+        self.model, self.failed = model, False
+        self.fn = torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
+
+    def __call__(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                return self.fn(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - any compiler failure means: run eagerly
+                warnings.warn(f"torch.compile failed, running eagerly: {err!r:.300}", stacklevel=2)
+                self.failed = True
+        return self.model(*args, **kwargs)
+
+
+def _compiled(model: nn.Module, mode: str):
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
+    return model if mode == "off" else _Compiled(model, mode)
+
+
+def _fp32(feats):
+    return None if feats is None else [f.float() for f in feats]
+
+
+def _fast_step(device: torch.device) -> dict[str, bool]:
+    """One fused kernel for the SGD update on CUDA (no per-parameter launches); foreach elsewhere."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
 
 
 def _bar(iterable, total, desc, enabled, initial=0):

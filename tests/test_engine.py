@@ -187,3 +187,23 @@ def test_trainer_needs_a_teacher_for_kd(store):
         assert "teacher" in str(err)
     else:
         raise AssertionError("a KD trainer without a teacher was accepted")
+
+
+def test_bf16_autocast_trains_with_fp32_losses(store, digits_teacher):
+    cfg = short_kd(digits_teacher, epochs=1, precision="bf16")
+    assert cfg.hash != short_kd(digits_teacher, epochs=1).hash and cfg.canonical()["precision"] == "bf16"
+    trainer = store.build_trainer(cfg, progress=False)
+    assert trainer.precision == "bf16"
+    seen = []
+    real = trainer.distiller.forward
+
+    def spy(s_feats, s_logits, t_feats, t_logits, labels, indices):
+        seen.append((s_logits.dtype, t_logits.dtype))
+        return real(s_feats, s_logits, t_feats, t_logits, labels, indices)
+
+    trainer.distiller.forward = spy
+    before = [p.detach().clone() for p in trainer.student.parameters()]
+    row = trainer.train_pass(1, torch.arange(256))
+    assert row["points"] == 256 and torch.isfinite(torch.tensor(row["train_loss"]))
+    assert set(seen) == {(torch.float32, torch.float32)}  # the networks ran in bf16, the losses in fp32
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))

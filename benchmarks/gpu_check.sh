@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# One prepared command for the lent GPU machine (no venv, no internet, no dataset: synthetic CIFAR-shaped data).
+#
+#   bash benchmarks/gpu_check.sh                         # on the GPU machine, from the repository root
+#   QUICK=1 DEVICE=cpu bash benchmarks/gpu_check.sh      # rehearsal on a CPU: tiny pair, tiny step counts
+#
+# Prints the nvidia-smi header, the torch version and one JSON line per result:
+#   1. compare, fp32 engine: reference-style pipeline vs engine, resnet32x4 -> resnet8x4 KD at batch 64
+#      (images/s, ratio, multiply-add rates, measured matmul peaks, extrapolated epoch of 50,000 images);
+#   2. compare, bf16 engine;
+#   3. the engine's measured epoch of 50,000 images (fp32, then bf16);
+#   4. four concurrent engine processes on the one device vs one: total images/s ratio;
+#   5. KCD cost check: a pass over a random 35,000-point subset vs the first 35,000 points (within 5 %?);
+#   6. the bf16 engine with torch.compile and CUDA graphs (mode reduce-overhead).
+# Each python call runs under its own `timeout`; the whole run stays inside TOTAL_S seconds (default 470);
+# a failed step is reported and the others still run; the exit status is non-zero if any step failed.
+# When $OUT is set, the whole log is also written to $OUT/gpu_check.log.
+set -u
+
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+QUICK=${QUICK:-0}
+TOTAL_S=${TOTAL_S:-470}
+BATCH=${BATCH:-64}
+if [ "$QUICK" = 1 ]; then
+    TEACHER=${TEACHER:-resnet20} STUDENT=${STUDENT:-resnet8}
+    POINTS=${POINTS:-600} STEPS=${STEPS:-2} WARMUP=${WARMUP:-1} WORKERS=${WORKERS:-2}
+    CONC_STEPS=${CONC_STEPS:-2} SUBSET=${SUBSET:-420} REPEATS=${REPEATS:-1} PEAK=${PEAK:-256}
+    EXTRA=(--threads 1)
+else
+    TEACHER=${TEACHER:-resnet32x4} STUDENT=${STUDENT:-resnet8x4}
+    POINTS=${POINTS:-50000} STEPS=${STEPS:-300} WARMUP=${WARMUP:-10} WORKERS=${WORKERS:-8}
+    CONC_STEPS=${CONC_STEPS:-400} SUBSET=${SUBSET:-35000} REPEATS=${REPEATS:-2} PEAK=${PEAK:-0}
+    EXTRA=()
+fi
+BENCH=(benchmarks/bench_epoch.py --dataset synthetic --points "$POINTS" --teacher "$TEACHER" --student "$STUDENT"
+       --device "$DEVICE" --batch-size "$BATCH" --warmup "$WARMUP" ${EXTRA[@]+"${EXTRA[@]}"})
+FAILED=()
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+
+# step NAME LIMIT_S COMMAND...: run under timeout (capped by what is left of TOTAL_S); record a failure.
+step() {
+    local name=$1 limit=$2 rc
+    shift 2
+    local left=$((TOTAL_S - SECONDS))
+    if [ "$left" -lt 10 ]; then
+        echo "{\"step\": \"$name\", \"ok\": false, \"error\": \"skipped: the ${TOTAL_S} s budget is spent\"}"
+        FAILED+=("$name")
+        return 1
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "## $name (timeout ${limit} s, t=${SECONDS} s)"
+    timeout --kill-after=5 "$limit" "$@"
+    rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "{\"step\": \"$name\", \"ok\": false, \"rc\": $rc$([ "$rc" -eq 124 ] && echo ', "error": "timeout"')}"
+        FAILED+=("$name")
+    fi
+    return "$rc"
+}
+
+# The concurrency check: one engine process, then PARTIES started together (they meet at a file barrier after
+# their warm-up, so their timed windows overlap); total images/s of the group over that of the single one.
+concurrency() {
+    local parties=4 pids=() rc=0 i
+    "$PY" "${BENCH[@]}" --mode engine --steps "$CONC_STEPS" > "$TMP/single.json" || return 1
+    mkdir -p "$TMP/barrier"
+    for i in $(seq "$parties"); do
+        "$PY" "${BENCH[@]}" --mode engine --steps "$CONC_STEPS" --seed "$i" --barrier "$TMP/barrier" \
+            --parties "$parties" > "$TMP/group.$i.json" &
+        pids+=($!)
+    done
+    for i in "${pids[@]}"; do wait "$i" || rc=1; done
+    [ "$rc" -eq 0 ] || return 1
+    "$PY" - "$TMP" "$parties" <<'EOF'
+import glob, json, sys
+tmp, parties = sys.argv[1], int(sys.argv[2])
+single = json.load(open(f"{tmp}/single.json"))
+group = [json.load(open(p)) for p in sorted(glob.glob(f"{tmp}/group.*.json"))]
+assert len(group) == parties, f"{len(group)} of {parties} processes reported"
+images = sum(g["engine_images"] for g in group)
+span = max(g["end_unix"] for g in group) - min(g["start_unix"] for g in group)
+overlap = min(g["end_unix"] for g in group) - max(g["start_unix"] for g in group)
+total = images / span
+print(json.dumps({
+    "benchmark": "concurrency", "teacher": single["teacher"], "student": single["student"],
+    "device_name": single["device_name"], "precision": single["precision"], "processes": parties,
+    "steps_each": single["steps"], "single_images_per_second": single["engine_images_per_second"],
+    "group_images_per_second": round(total, 1),
+    "group_sum_of_rates": round(sum(g["engine_images_per_second"] for g in group), 1),
+    "per_process_images_per_second": [g["engine_images_per_second"] for g in group],
+    "ratio_group_over_single": round(total / single["engine_images_per_second"], 3),
+    "overlap_fraction": round(max(overlap, 0.0) / span, 3),
+}))
+EOF
+}
+
+main() {
+    echo "## gpu_check: device=$DEVICE quick=$QUICK pair=$TEACHER->$STUDENT points=$POINTS steps=$STEPS"
+    if command -v nvidia-smi > /dev/null; then
+        step nvidia-smi 20 bash -c 'nvidia-smi | head -n 12'
+        step nvidia-smi-query 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit \
+            --format=csv
+    else
+        echo "## no nvidia-smi"
+    fi
+    step versions 60 "$PY" -c "import json, torch, torchvision; print(json.dumps({
+        'torch': torch.__version__, 'torchvision': torchvision.__version__, 'cuda': torch.version.cuda,
+        'cudnn': torch.backends.cudnn.version(), 'device': torch.cuda.get_device_name() if torch.cuda.is_available()
+        else 'cpu'}))"
+    local precisions=(fp32 bf16)
+
+    for p in "${precisions[@]}"; do
+        step "compare_$p" 90 "$PY" "${BENCH[@]}" --mode compare --steps "$STEPS" --workers "$WORKERS" \
+            --precision "$p" --peak-size "$PEAK"
+    done
+    for p in "${precisions[@]}"; do
+        step "epoch_$p" 75 "$PY" "${BENCH[@]}" --mode engine --steps 0 --precision "$p"
+    done
+    # A function cannot run under `timeout`: the script runs itself for that step (timeout kills the whole
+    # process group, the four engine processes included).
+    step concurrency 120 bash benchmarks/gpu_check.sh --concurrency
+    step kcd_cost 90 "$PY" "${BENCH[@]}" --mode kcd-cost --subset "$SUBSET" --repeats "$REPEATS"
+    # torch.compile with CUDA graphs (falls back to eager with a warning where it cannot compile).
+    step "steps_bf16_compiled" 150 "$PY" "${BENCH[@]}" --mode engine --steps "$STEPS" --precision bf16 \
+        --compile reduce-overhead
+
+    if [ "${#FAILED[@]}" -gt 0 ]; then
+        echo "{\"gpu_check\": \"failed\", \"failed_steps\": \"${FAILED[*]}\", \"seconds\": $SECONDS}"
+        return 1
+    fi
+    echo "{\"gpu_check\": \"ok\", \"seconds\": $SECONDS}"
+}
+
+if [ "${1:-}" = "--concurrency" ]; then
+    concurrency
+    exit $?
+fi
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ] && [ -w "$OUT" ]; then
+    main 2>&1 | tee "$OUT/gpu_check.log"
+    exit "${PIPESTATUS[0]}"
+fi
+main

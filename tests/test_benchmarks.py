@@ -1,0 +1,109 @@
+"""The benchmarks: bench_epoch runs and reports, and the reference-style baseline computes the same experiment."""
+
+import copy
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from kcdlib import models
+from kcdlib.data import crop_flip, load_digits
+from kcdlib.distillers import DistillContext, build
+from kcdlib.train import Recipe, Trainer, softmax_entropy
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+COMPARE_KEYS = {
+    "reference_images_per_second", "engine_images_per_second", "ratio_engine_over_reference",
+    "reference_gmacs_per_second", "engine_gmacs_per_second", "peak_fp32_gmacs_per_second",
+    "reference_fraction_of_peak", "engine_fraction_of_peak", "macs_per_image", "student_forward_macs",
+    "teacher_forward_macs", "precision", "steps", "batch_size", "workers",
+}  # fmt: skip
+
+
+def load(name):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits("cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """Run the benchmark with one intra-op thread (a shared 2-core machine), and restore the count after."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_epoch_prints_one_json_line(capsys, one_thread):
+    bench = load("bench_epoch")
+    bench.main(["--dataset", "digits", "--device", "cpu", "--steps", "3", "--warmup", "1", "--workers", "0",
+                "--peak-size", "256", "--threads", "1"])  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, lines
+    row = json.loads(lines[0])
+    assert COMPARE_KEYS <= row.keys(), COMPARE_KEYS - row.keys()
+    assert row["reference_images"] == row["engine_images"] == 3 * 64
+    for key in ("reference_images_per_second", "engine_images_per_second", "ratio_engine_over_reference",
+                "reference_gmacs_per_second", "engine_gmacs_per_second", "peak_fp32_gmacs_per_second",
+                "reference_fraction_of_peak", "engine_fraction_of_peak"):  # fmt: skip
+        assert row[key] > 0, (key, row[key])
+    assert row["macs_per_image"] == 3 * row["student_forward_macs"] + row["teacher_forward_macs"]
+    assert row["precision"] in ("fp32", "bf16")
+
+
+def test_reference_step_is_the_kd_experiment(digits):
+    """Same networks, same batch: the baseline's loss is kcdlib's KD loss, its SGD step the engine's optimiser
+    step, and its per-sample record the engine's entropy."""
+    ref_mod = load("reference_pipeline")
+    loader = ref_mod.make_loader(digits.train_images, digits.train_labels, 64, 0, "cpu", digits.pad, digits.mean,
+                                 digits.std, seed=0)  # fmt: skip
+    x, y, idx = next(iter(loader))
+
+    torch.manual_seed(0)
+    teacher = models.create("resnet20", 10).eval()
+    student = models.create("resnet8", 10)
+    s_ref, s_eng = copy.deepcopy(student), copy.deepcopy(student)
+    ref = ref_mod.ReferenceKD(s_ref, teacher, digits.num_train, "cpu")
+    context = DistillContext(digits.num_train, 10, models.penultimate_dim(student), 0)
+    trainer = Trainer(s_eng, digits, Recipe(1), build("kd", context), teacher, progress=False)
+
+    s_eng.train()
+    with torch.no_grad():
+        t_logits = teacher(x)
+    s_logits = s_eng(x)
+    expected = sum(trainer.distiller(None, s_logits, None, t_logits, y, idx).values())
+    got = ref.step(x, y, idx)
+    assert got == pytest.approx(expected.item(), rel=1e-6)
+
+    trainer.optimizer.zero_grad(set_to_none=True)
+    expected.backward()
+    trainer.optimizer.step()
+    for (name, a), b in zip(s_ref.state_dict().items(), s_eng.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+    entropy = softmax_entropy(s_logits.detach())
+    assert torch.allclose(torch.from_numpy(ref.entropy[idx.numpy()]), entropy, atol=1e-6)
+
+
+def test_reference_augmentation_is_the_engines(digits):
+    """A reference sample is one of the engine's crop/flip outcomes of the same image, normalised the same way."""
+    ref_mod = load("reference_pipeline")
+    transform = ref_mod.train_transform(digits.image_size, digits.pad, digits.mean, digits.std)
+    image = digits.train_images[5]
+    torch.manual_seed(1)
+    sample = transform(Image.fromarray(image.permute(1, 2, 0).numpy()))
+    offsets = torch.arange(2 * digits.pad + 1)
+    dy, dx, flip = torch.meshgrid(offsets, offsets, torch.tensor([0, 1]), indexing="ij")
+    n = dy.numel()
+    candidates = digits.normalize(crop_flip(image.expand(n, -1, -1, -1), dy.flatten(), dx.flatten(),
+                                            flip.flatten().bool(), digits.pad))  # fmt: skip
+    assert (candidates - sample).abs().flatten(1).amax(1).min() < 1e-5
