@@ -214,7 +214,10 @@ def device_name(device: torch.device) -> str:
 class RunStore:
     """Runs under ``root``, keyed by config hash."""
 
-    def __init__(self, root: str | os.PathLike = "runs", data_root: str = "data", device: str = "cpu"):
+    def __init__(
+        self, root: str | os.PathLike = "runs", data_root: str = "data", device: str = "cpu", compile: str = "off"
+    ):
+        self.compile = compile  # how the networks run (torch.compile mode): speed only, not the run's identity
         self.root = Path(root)
         self.data_root = data_root
         self.device = torch.device(device)
@@ -275,7 +278,7 @@ class RunStore:
         method = self.method_for(cfg, fs_over_ft)
         return Trainer(
             student, data, cfg.recipe, distiller, teacher, method, seed=cfg.seed, progress=progress,
-            precision=cfg.precision,
+            precision=cfg.precision, compile=self.compile,
         )  # fmt: skip
 
     def method_for(self, cfg: RunConfig, fs_over_ft: float):
@@ -328,6 +331,7 @@ class RunStore:
                 "python": platform.python_version(),
             },
             "device": device_name(self.device),
+            "compile": self.compile,
             "git_commit": git_commit(),
         }
         write_json(run_dir / "record.json", record)

@@ -319,12 +319,18 @@ class _Compiled:
 
     def __init__(self, model: nn.Module, mode: str):
         self.model, self.failed = model, False
+        self.graphs = mode == "reduce-overhead"
         self.fn = torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
 
     def __call__(self, *args, **kwargs):
         if not self.failed:
             try:
-                return self.fn(*args, **kwargs)
+                if not self.graphs:
+                    return self.fn(*args, **kwargs)
+                # A CUDA graph's outputs live in memory its next replay reuses, and the teacher's and the
+                # student's graphs share one pool: start a new step and copy the outputs out at once.
+                torch.compiler.cudagraph_mark_step_begin()
+                return torch.utils._pytree.tree_map(lambda t: t.clone(), self.fn(*args, **kwargs))
             except Exception as err:  # noqa: BLE001 - any compiler failure means: run eagerly
                 warnings.warn(f"torch.compile failed, running eagerly: {err!r:.300}", stacklevel=2)
                 self.failed = True
