@@ -35,6 +35,7 @@ class MethodContext:
     batch_size: int = 64
     device: str = "cpu"  # where the per-step records live (the training device: no copy per step)
     fs_over_ft: float = 1.0  # student/teacher forward multiply-adds (UNIX's Eq. 19)
+    images_in_memory: bool = True  # False for datasets decoded from files (ImageNet)
 
     def option(self, name: str, default: Any) -> Any:
         return self.options.get(name, default)
@@ -123,6 +124,11 @@ class KCD(Method):
             raise BadOption(f"unknown value estimate {o['value']!r}: entropy or random")
         if o["augment"] not in condense.AUGMENTS:
             raise BadOption(f"unknown augmentation {o['augment']!r}; choose one of {', '.join(condense.AUGMENTS)}")
+        if o["augment"] != "none" and not context.images_in_memory:
+            raise BadOption(
+                "KCD's knowledge augmentation rewrites the stored training images, and this dataset is decoded "
+                "from files (ImageNet): run it with --augment none, or on a dataset held in memory"
+            )
         self.T = int(o["stage_epochs"])
         self.sizes = condense.keep_schedule(o["schedule"], n, epochs, self.T, o["rho"])
         self.values = condense.ValueRecord(n, context.device)

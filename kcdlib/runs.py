@@ -291,6 +291,7 @@ class RunStore:
             batch_size=cfg.recipe.batch_size,
             device=str(self.device),
             fs_over_ft=fs_over_ft,
+            images_in_memory=hasattr(data, "train_images"),
         )
         return build_method(cfg.method, context)
 
