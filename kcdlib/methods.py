@@ -129,6 +129,7 @@ class KCD(Method):
                 "KCD's knowledge augmentation rewrites the stored training images, and this dataset is decoded "
                 "from files (ImageNet): run it with --augment none, or on a dataset held in memory"
             )
+        self.modifies_images = o["augment"] != "none"
         self.T = int(o["stage_epochs"])
         self.sizes = condense.keep_schedule(o["schedule"], n, epochs, self.T, o["rho"])
         self.values = condense.ValueRecord(n, context.device)

@@ -162,7 +162,6 @@ class Trainer:
         self.points_trained = 0
         self.history: list[dict[str, Any]] = []
         self.wall_seconds = 0.0
-        self.step_hooks: list[Callable[[torch.Tensor, torch.Tensor], None]] = []
 
     # -- one epoch -------------------------------------------------------------------------------------------
     def train_pass(self, epoch: int, points: torch.Tensor | None) -> dict[str, Any]:
@@ -209,8 +208,6 @@ class Trainer:
             logits = s_logits.detach()
             entropy = softmax_entropy(logits)
             self.method.observe(idx, entropy)
-            for hook in self.step_hooks:
-                hook(idx, entropy)
             loss_sum += loss.detach() * x.shape[0]
             correct += logits.argmax(dim=1).eq(y).sum()
             seen += x.shape[0]
