@@ -35,9 +35,9 @@ def test_digits_teacher_is_clearly_good(store, digits_teacher):
 
 
 def test_kd_student_far_above_chance_and_counted(store, digits_teacher):
-    cfg = distill_config("digits", STUDENT, teacher=digits_teacher, distiller="kd")
+    cfg = distill_config("digits", STUDENT, teacher=digits_teacher, distiller="kd", epochs=12)
     rec = store.ensure(cfg, progress=False)
-    assert rec["final_top1"] > 80.0, rec["final_top1"]
+    assert rec["final_top1"] > 80.0, rec["final_top1"]  # chance is 10 %
     n = 1437
     assert rec["points_distilled"] == n * cfg.recipe.epochs
     assert rec["computation"] == 1.0

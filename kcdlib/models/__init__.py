@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, UnknownName
-from . import imagenet, mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn
+from . import mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn
 
 ARCHS: dict[str, Callable[[int], nn.Module]] = {
     "resnet8": resnet.resnet8,
@@ -42,9 +42,16 @@ ARCHS: dict[str, Callable[[int], nn.Module]] = {
     "MobileNetV2": mobilenetv2.mobile_half,
     "ShuffleV1": shufflenetv1.ShuffleV1,
     "ShuffleV2": shufflenetv2.ShuffleV2,
-    "ResNet18": imagenet.ResNet18,
-    "ResNet34": imagenet.ResNet34,
+    "ResNet18": lambda num_classes=1000: _imagenet("ResNet18", num_classes),
+    "ResNet34": lambda num_classes=1000: _imagenet("ResNet34", num_classes),
 }
+
+def _imagenet(name: str, num_classes: int) -> nn.Module:
+    # Imported on use: torchvision.models costs seconds to import, which every notebook kernel would pay.
+    from . import imagenet
+
+    return getattr(imagenet, name)(num_classes)
+
 
 # How many keys of each kind a checkpoint error message names.
 _SHOWN = 5
