@@ -22,5 +22,8 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
+book: $(STAMP)
+	$(BIN)/kcd book --profile smoke
+
 clean:
-	rm -rf _build runs-smoke .pytest_cache
+	rm -rf _build runs-smoke book/artefacts .pytest_cache

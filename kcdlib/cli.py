@@ -19,6 +19,7 @@ from .distillers import DISTILLERS
 from .errors import BadOption, KcdError, UnknownName
 from .methods import METHODS
 from .runs import RunConfig, RunStore, distill_config, teacher_config
+from .train import COMPILE_MODES, PRECISIONS
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -48,6 +49,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
     p.add_argument("--runs-dir", default="runs", help="the run store (default: ./runs)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument(
+        "--precision", default="fp32", choices=PRECISIONS, help="fp32 (default) or bf16 autocast for the networks"
+    )
+    p.add_argument("--compile", default="off", choices=COMPILE_MODES,
+                   help="torch.compile the networks; reduce-overhead adds CUDA graphs (fastest on a GPU)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -97,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(d)
 
     sub.add_parser("models", help="list the architectures")
+
+    b = sub.add_parser("book", help="run every notebook on a profile (papermill) and build the HTML book")
+    b.add_argument("--profile", default="smoke", help="smoke (default, CPU), course, paper or tiny")
+    b.add_argument("--data-root", default="data", help="folder holding cifar-100-python/ or imagenet train/ val/")
+    b.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the profile's)")
+    b.add_argument("--runs-dir", help="the run store (default: runs/ in the checkout)")
+    b.add_argument("--skip-html", action="store_true", help="execute the notebooks only, do not build the HTML")
+    b.add_argument("--jobs", type=int, default=1, help="notebooks executed at a time (default 1)")
     return parser
 
 
@@ -133,7 +147,7 @@ def config_from_args(args) -> RunConfig:
     check_name("dataset", args.dataset, DATASETS)
     if args.command == "teacher":
         check_name("architecture", args.arch, models.ARCHS)
-        return teacher_config(args.dataset, args.arch, args.seed, args.epochs)
+        return teacher_config(args.dataset, args.arch, args.seed, args.epochs, args.precision)
     check_name("architecture", args.student, models.ARCHS)
     check_name("distiller", args.distiller, DISTILLERS)
     check_name("method", args.method, METHODS)
@@ -141,17 +155,17 @@ def config_from_args(args) -> RunConfig:
         raise BadOption("'ce' trains without a teacher: use `kcd teacher`")
     if args.teacher:
         check_name("architecture", args.teacher, models.ARCHS)
-        teacher = teacher_config(args.dataset, args.teacher, 0, args.teacher_epochs)
+        teacher = teacher_config(args.dataset, args.teacher, 0, args.teacher_epochs, args.precision)
         return distill_config(
             args.dataset, args.student, teacher=teacher, distiller=args.distiller, method=args.method,
-            method_options=method_options(args), epochs=args.epochs, seed=args.seed,
+            method_options=method_options(args), epochs=args.epochs, seed=args.seed, precision=args.precision,
         )  # fmt: skip
     arch = args.teacher_arch or guess_arch(args.teacher_ckpt)
     check_name("architecture", arch, models.ARCHS)
     return distill_config(
         args.dataset, args.student, teacher_checkpoint=args.teacher_ckpt, teacher_arch=arch,
         distiller=args.distiller, method=args.method, method_options=method_options(args), epochs=args.epochs,
-        seed=args.seed,
+        seed=args.seed, precision=args.precision,
     )  # fmt: skip
 
 
@@ -171,8 +185,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "models":
             print("\n".join(models.ARCHS))
             return 0
+        if args.command == "book":
+            from .book import build_book
+
+            device = resolve_device(args.device) if args.device else None
+            out = build_book(
+                args.profile, args.data_root, device, args.runs_dir, html=not args.skip_html, jobs=args.jobs
+            )
+            print(out)
+            return 0
         cfg = config_from_args(args)
-        store = RunStore(args.runs_dir, args.data_root, resolve_device(args.device))
+        store = RunStore(args.runs_dir, args.data_root, resolve_device(args.device), args.compile)
         rec = store.ensure(cfg, progress=not args.no_progress)
         print(summary_line(cfg, rec))
         print(store.path(cfg) / "record.json")

@@ -1,0 +1,173 @@
+"""Profiles: how much of the paper the book reproduces, defined in one place.
+
+A profile names the dataset, the schedule (``epochs`` of ``stage_epochs`` each, six stages like the paper's 240/40)
+and, for every paper pair ``teacher/student`` the book shows, the pair it actually runs. The paper profile runs
+the paper's pairs; the short ones run stand-ins small enough for their machine, and every table says so.
+
+- ``smoke`` (default): digits on the CPU, stand-in pairs, 12 epochs of 2 (six stages); the whole book in minutes.
+- ``course``: CIFAR-100 on one GPU, a few representative pairs, 60 epochs of 10.
+- ``paper``: CIFAR-100 with the paper's pairs and hyperparameters (240 epochs of 40), ImageNet for Table 3.
+- ``tiny``: the test suite's profile: every notebook runs in seconds (numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import UnknownName
+
+# The paper's Table-1 pairs (teacher/student, the RepDistiller model names).
+PAPER_TABLE1_PAIRS = (
+    "wrn_40_2/wrn_16_2", "wrn_40_2/wrn_40_1", "resnet56/resnet20", "resnet32x4/resnet8x4", "vgg13/vgg8",
+    "vgg13/MobileNetV2", "ResNet50/MobileNetV2", "ResNet50/vgg8", "resnet32x4/ShuffleV1", "resnet32x4/ShuffleV2",
+    "wrn_40_2/ShuffleV1",
+)  # fmt: skip
+# The supplement's Tables 5-7 pairs.
+PAPER_GRID_PAIRS = ("wrn_40_2/wrn_16_2", "vgg13/MobileNetV2", "resnet32x4/ShuffleV2")
+# Table 3 (ImageNet).
+PAPER_IMAGENET_PAIR = "ResNet34/ResNet18"
+# Figure 5(b)'s four teachers are not named in the supplement; these are four of Table 1's.
+PAPER_FIGURE5_TEACHERS = ("resnet56", "wrn_40_2", "resnet32x4", "vgg13")
+
+
+def split_pair(pair: str) -> tuple[str, str]:
+    """``'teacher/student'`` -> ``('teacher', 'student')``."""
+    teacher, student = pair.split("/")
+    return teacher, student
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What one build of the book runs. ``pairs`` maps each paper pair to the pair run in its place;
+    ``teachers`` maps a paper teacher used alone (Figure 5) to its stand-in. ``teacher_checkpoints`` maps an
+    architecture to a RepDistiller checkpoint file used instead of training that teacher."""
+
+    name: str
+    description: str
+    dataset: str
+    device: str
+    epochs: int  # I
+    stage_epochs: int  # T (epochs / stage_epochs = 6 stages for the short profiles, as in the paper)
+    teacher_epochs: int
+    seeds: tuple[int, ...]
+    pairs: dict[str, str]
+    table1_pairs: tuple[str, ...]
+    table1_distillers: tuple[str, ...] = ("kd", "pkt", "crd")
+    table2_pair: str = "wrn_40_2/wrn_16_2"
+    table3_dataset: str = "imagenet"
+    table3_pair: str = PAPER_IMAGENET_PAIR
+    table3_epochs: int | None = None
+    table3_stage_epochs: int | None = None
+    table4_pair: str = "wrn_40_2/wrn_16_2"
+    grid_pairs: tuple[str, ...] = PAPER_GRID_PAIRS
+    alphas: tuple[float, ...] = (0.01, 0.03, 0.05, 0.1)
+    rhos: tuple[float, ...] = (0.9, 0.7, 0.5, 0.3)
+    augments: tuple[str, ...] = ("none", "random", "K1H", "K1L")
+    figure5_teachers: dict[str, str] = field(default_factory=dict)
+    figure5_student: str = "resnet8"
+    teacher_checkpoints: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def stages(self) -> int:
+        return self.epochs // self.stage_epochs
+
+    def run_pair(self, paper_pair: str) -> tuple[str, str]:
+        """The (teacher, student) this profile runs in place of ``paper_pair``."""
+        return split_pair(self.pairs.get(paper_pair, paper_pair))
+
+    def with_options(self, **changes) -> Profile:
+        """A copy with some fields changed (the notebooks' parameters: seeds, device, epochs ...)."""
+        from dataclasses import replace
+
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+_SMOKE_PAIRS = {
+    "wrn_40_2/wrn_16_2": "resnet20/resnet8",
+    "resnet56/resnet20": "resnet14/resnet8",
+    "ResNet34/ResNet18": "resnet20/resnet8",
+}
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke",
+        description="digits on the CPU, small stand-in pairs, 12 epochs in six stages of 2",
+        dataset="digits",
+        device="cpu",
+        epochs=12,
+        stage_epochs=2,
+        teacher_epochs=15,
+        seeds=(0,),
+        pairs=_SMOKE_PAIRS,
+        table1_pairs=("wrn_40_2/wrn_16_2", "resnet56/resnet20"),
+        table3_dataset="digits",
+        grid_pairs=("wrn_40_2/wrn_16_2",),
+        figure5_teachers={
+            "resnet56": "resnet20",
+            "wrn_40_2": "wrn_16_2",
+            "resnet32x4": "resnet14",
+            "vgg13": "wrn_16_1",
+        },  # fmt: skip
+    ),
+    "tiny": Profile(
+        name="tiny",
+        description="the test suite's profile: digits, one pair, KD only in Table 1, one value per grid, "
+        "3 epochs in three stages of 1",
+        dataset="digits",
+        device="cpu",
+        epochs=3,
+        stage_epochs=1,
+        teacher_epochs=15,
+        seeds=(0,),
+        pairs=_SMOKE_PAIRS,
+        table1_pairs=("wrn_40_2/wrn_16_2",),
+        table1_distillers=("kd",),
+        table3_dataset="digits",
+        grid_pairs=("wrn_40_2/wrn_16_2",),
+        alphas=(0.03,),
+        rhos=(0.7,),
+        augments=("K1L",),
+        figure5_teachers={"resnet56": "resnet20"},
+    ),
+    "course": Profile(
+        name="course",
+        description="CIFAR-100 on one GPU, four representative pairs, 60 epochs in six stages of 10",
+        dataset="cifar100",
+        device="cuda",
+        epochs=60,
+        stage_epochs=10,
+        teacher_epochs=60,
+        seeds=(0,),
+        pairs={"ResNet34/ResNet18": "resnet56/resnet20"},
+        table1_pairs=("wrn_40_2/wrn_16_2", "resnet56/resnet20", "resnet32x4/resnet8x4", "vgg13/MobileNetV2"),
+        table3_dataset="cifar100",
+        grid_pairs=("wrn_40_2/wrn_16_2",),
+        figure5_teachers={t: t for t in PAPER_FIGURE5_TEACHERS},
+        figure5_student="resnet8x4",
+    ),
+    "paper": Profile(
+        name="paper",
+        description="CIFAR-100 with the paper's pairs (240 epochs in six stages of 40), ImageNet for Table 3",
+        dataset="cifar100",
+        device="cuda",
+        epochs=240,
+        stage_epochs=40,
+        teacher_epochs=240,
+        seeds=(0,),
+        pairs={},
+        table1_pairs=PAPER_TABLE1_PAIRS,
+        table3_epochs=90,
+        table3_stage_epochs=15,
+        figure5_teachers={t: t for t in PAPER_FIGURE5_TEACHERS},
+        figure5_student="resnet8x4",
+    ),
+}
+
+
+def get_profile(name: str | Profile) -> Profile:
+    """The profile called ``name`` (a :class:`Profile` is returned as is)."""
+    if isinstance(name, Profile):
+        return name
+    if name not in PROFILES:
+        raise UnknownName(f"unknown profile '{name}'; known profiles: {', '.join(PROFILES)}")
+    return PROFILES[name]

@@ -1,0 +1,745 @@
+"""The book's tables and figures: which runs each artefact needs, and how its records become a table.
+
+For every artefact ``X`` there is ``X_runs(profile)``, the run configs it needs (the notebook hands them to
+:func:`ensure`, which trains only what is missing), and ``X(store, profile)``, which reads the records and returns
+a :class:`Table` (or a :class:`Figure`): our numbers beside the paper's, mean ± sd over seeds when there are
+several, the counted computation, and a caption naming the profile and the pairs actually run.
+
+Adding a table = one ``*_runs`` and one builder here, one thin notebook in ``notebooks/``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+
+from . import condense, cost, models, reference
+from .methods import METHODS
+from .profiles import Profile, get_profile, split_pair
+from .runs import RunConfig, RunStore, distill_config, teacher_config
+
+# (number of classes, image side) of each dataset, for counting multiply-adds without loading the data.
+DATASET_SHAPES = {"digits": (10, 16), "cifar100": (100, 32), "imagenet": (1000, 224)}
+# Table 3's absolute computation as the paper quotes it (ImageNet: 1.26M points x 90 epochs for KD).
+PAPER_IMAGENET_CA = {"KD": 114e6, "KC-KD": 81e6}
+# The paper's KCD setting.
+KCD_RHO, KCD_ALPHA = 0.7, 0.03
+
+
+# -- run configs ---------------------------------------------------------------------------------------------
+def teacher_run(profile: Profile, arch: str, dataset: str | None = None) -> RunConfig:
+    """The teacher's own run (trained with cross-entropy, seed 0, ``profile.teacher_epochs``)."""
+    return teacher_config(dataset or profile.dataset, arch, seed=0, epochs=profile.teacher_epochs)
+
+
+def student_run(profile: Profile, arch: str, seed: int = 0, dataset: str | None = None) -> RunConfig:
+    """The student trained alone (the paper's "Student" row), as long as the distillation runs."""
+    return teacher_config(dataset or profile.dataset, arch, seed=seed, epochs=profile.epochs)
+
+
+def distill_pair(
+    profile: Profile,
+    teacher: str,
+    student: str,
+    *,
+    distiller: str = "kd",
+    method: str = "kd",
+    seed: int = 0,
+    dataset: str | None = None,
+    epochs: int | None = None,
+    **options: Any,
+) -> RunConfig:
+    """A distillation run of ``student`` from ``teacher`` (architectures actually run). KCD runs always carry
+    the profile's stage length ``T``; other options (``rho``, ``alpha``, ``augment``, UNIX's ``k``) as given."""
+    dataset = dataset or profile.dataset
+    # An option at the method's default is left out, so that e.g. Table 6's ρ = 0.7 is the same run as
+    # Table 1's KC-KD (one run, one hash).
+    defaults = getattr(METHODS.get(method), "defaults", {})
+    options = {k: v for k, v in options.items() if k not in defaults or defaults[k] != v}
+    if method == "kcd":
+        options.setdefault("stage_epochs", profile.stage_epochs)
+    source: dict[str, Any]
+    if teacher in profile.teacher_checkpoints:
+        source = {"teacher_checkpoint": profile.teacher_checkpoints[teacher], "teacher_arch": teacher}
+    else:
+        source = {"teacher": teacher_run(profile, teacher, dataset)}
+    return distill_config(
+        dataset, student, distiller=distiller, method=method, method_options=options,
+        epochs=epochs or profile.epochs, seed=seed, **source,
+    )  # fmt: skip
+
+
+def distill(profile: Profile, paper_pair: str, **kw: Any) -> RunConfig:
+    """The run standing in for ``paper_pair`` (``'teacher/student'``) in this profile."""
+    teacher, student = profile.run_pair(paper_pair)
+    return distill_pair(profile, teacher, student, **kw)
+
+
+def fs_over_ft(teacher: str, student: str, dataset: str) -> float:
+    """Student/teacher forward multiply-adds at the dataset's image size (UNIX's Fs/Ft), counted."""
+    classes, side = DATASET_SHAPES[dataset]
+    size = (3, side, side)
+    return cost.forward_macs(models.create(student, classes), size) / cost.forward_macs(
+        models.create(teacher, classes), size
+    )
+
+
+def kcd_computation(profile: Profile, rho: float = KCD_RHO, epochs: int | None = None, stage_epochs=None) -> float:
+    """KCD's relative computation ``C`` for the paper schedule (Eq. 16)."""
+    return condense.schedule_computation("paper", epochs or profile.epochs, stage_epochs or profile.stage_epochs, rho)
+
+
+def unix_k(profile: Profile, paper_pair: str) -> int:
+    """UNIX's ``k`` whose Eq. 19 cost equals KCD's ``C`` for this pair (rounded to the nearest integer)."""
+    teacher, student = profile.run_pair(paper_pair)
+    ratio = fs_over_ft(teacher, student, profile.dataset)
+    return round(cost.unix_k_for(kcd_computation(profile), batch=64, fs_over_ft=ratio))
+
+
+def setup(
+    profile: str | Profile,
+    runs_dir: str = "runs",
+    data_root: str = "data",
+    device: str | None = None,
+    seeds: Sequence[int] | None = None,
+    **knobs: Any,
+) -> tuple[Profile, RunStore]:
+    """A notebook's first call: the profile with the notebook's parameters applied (``None`` keeps the
+    profile's value) and the run store."""
+    changes = {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()}
+    p = get_profile(profile).with_options(seeds=tuple(seeds) if seeds else None, **changes)
+    return p, RunStore(runs_dir, data_root, device or p.device)
+
+
+# -- running -------------------------------------------------------------------------------------------------
+def unique(configs: Iterable[RunConfig]) -> list[RunConfig]:
+    seen: dict[str, RunConfig] = {}
+    for cfg in configs:
+        seen.setdefault(cfg.hash, cfg)
+    return list(seen.values())
+
+
+def ensure(store: RunStore, configs: Iterable[RunConfig], progress: bool = True) -> list[dict[str, Any]]:
+    """Make sure every run exists (finished runs are reused, missing ones trained), with one progress bar
+    across the runs; prints how many were reused and trained."""
+    from tqdm import tqdm
+
+    configs = unique(configs)
+    reused = sum(store.record(c) is not None for c in configs)
+    start = time.perf_counter()
+    records = [
+        store.ensure(cfg, progress=False)
+        for cfg in tqdm(configs, desc="runs", unit="run", disable=not progress, mininterval=2.0)
+    ]
+    print(
+        f"{len(configs)} runs: {reused} reused, {len(configs) - reused} trained "
+        f"({time.perf_counter() - start:.0f} s) in {store.root}"
+    )
+    return records
+
+
+# -- tables ----------------------------------------------------------------------------------------------------
+# Lines and alignment for the book's tables (the theme draws none around pandas' HTML).
+TABLE_STYLE = [
+    {"selector": "caption", "props": "caption-side: top; text-align: left; padding-bottom: 0.5em;"},
+    {"selector": "th, td", "props": "padding: 0.2em 0.7em; text-align: right; white-space: nowrap;"},
+    {"selector": "thead th", "props": "border-bottom: 1px solid #888; text-align: center;"},
+    {"selector": "tbody tr:nth-child(even)", "props": "background-color: #f4f6f8;"},
+]
+
+
+@dataclass
+class Table:
+    """A table as the book shows it (``frame``, strings), its numbers (``data``, one row per cell, floats:
+    the source for glued prose) and a caption."""
+
+    name: str
+    caption: str
+    frame: pd.DataFrame
+    data: pd.DataFrame
+    key_numbers: dict[str, float] = field(default_factory=dict)
+
+    def styled(self):
+        return self.frame.style.set_caption(self.caption).set_table_styles(TABLE_STYLE)
+
+    def _repr_html_(self) -> str:
+        return self.styled().to_html()
+
+    def __repr__(self) -> str:
+        return f"{self.caption}\n{self.frame.to_string()}"
+
+
+def _values(store: RunStore, configs: Sequence[RunConfig], key: str) -> list[float]:
+    out = []
+    for cfg in configs:
+        rec = store.record(cfg)
+        if rec is None:
+            raise KeyError(f"run {cfg.hash} ({cfg.arch} {cfg.method}) is missing: call report.ensure first")
+        out.append(float(rec[key]))
+    return out
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def _fmt(mean: float, sd: float, digits: int = 2) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    return f"{mean:.{digits}f}" if math.isnan(sd) else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def _paper(value: Any) -> str:
+    return "–" if value is None or pd.isna(value) else f"{float(value):.2f}"
+
+
+def _caption(
+    title: str,
+    profile: Profile,
+    pairs: Iterable[str],
+    dataset: str | None = None,
+    paper_note: str = "paper: as published (CIFAR-100)",
+) -> str:
+    shown = [f"{p} → {'/'.join(profile.run_pair(p))}" if profile.pairs.get(p, p) != p else p for p in pairs]
+    seeds = ", ".join(map(str, profile.seeds))
+    many = " (mean ± sd over seeds)" if len(profile.seeds) > 1 else ""
+    other = f" Dataset: {dataset}." if dataset and dataset != profile.dataset else ""
+    return (
+        f"{title}. Profile '{profile.name}' ({profile.description}).{other} "
+        f"Pairs (paper → run): {'; '.join(shown)}. Seeds: {seeds}. Ours: last-epoch top-1 %{many}; "
+        f"{paper_note}. C: counted computation relative to KD."
+    )
+
+
+def _cell(store: RunStore, configs: Sequence[RunConfig], key: str = "final_top1") -> tuple[float, float, str]:
+    mean, sd = _mean_sd(_values(store, configs, key))
+    return mean, sd, _fmt(mean, sd)
+
+
+# Table 1 ----------------------------------------------------------------------------------------------------
+_DISTILLER_LABEL = {"kd": "KD", "pkt": "PKT", "crd": "CRD"}
+
+
+def table1_runs(profile: Profile | str) -> list[RunConfig]:
+    p = get_profile(profile)
+    configs = []
+    for pair in p.table1_pairs:
+        teacher, student = p.run_pair(pair)
+        configs.append(teacher_run(p, teacher))
+        configs += [student_run(p, student, s) for s in p.seeds]
+        for d in p.table1_distillers:
+            for m in ("kd", "kcd"):
+                configs += [distill(p, pair, distiller=d, method=m, seed=s) for s in p.seeds]
+    return unique(configs)
+
+
+def table1(store: RunStore, profile: Profile | str) -> Table:
+    """Table 1: KD, PKT, CRD and their KC- versions over the profile's pairs, ours beside the paper's."""
+    p = get_profile(profile)
+    paper = reference.paper_table1()
+    rows, cells = [], {}
+    for pair in p.table1_pairs:
+        teacher, student = p.run_pair(pair)
+        entries = [("Teacher", [teacher_run(p, teacher)]), ("Student", [student_run(p, student, s) for s in p.seeds])]
+        for d in p.table1_distillers:
+            for m in ("kd", "kcd"):
+                label = ("KC-" if m == "kcd" else "") + _DISTILLER_LABEL[d]
+                entries.append((label, [distill(p, pair, distiller=d, method=m, seed=s) for s in p.seeds]))
+        for label, cfgs in entries:
+            mean, sd, text = _cell(store, cfgs)
+            c = statistics.fmean(_values(store, cfgs, "computation")) if label not in ("Teacher", "Student") else None
+            ref = paper.loc[label, pair] if label in paper.index and pair in paper.columns else None
+            rows.append({"pair": pair, "run_pair": f"{teacher}/{student}", "method": label, "ours": mean,
+                         "ours_sd": sd, "paper": None if ref is None or pd.isna(ref) else float(ref),
+                         "computation": c})  # fmt: skip
+            cells[(label, (pair, "paper"))] = _paper(ref)
+            cells[(label, (pair, "ours"))] = text
+    data = pd.DataFrame(rows)
+    order = list(dict.fromkeys(data["method"]))
+    frame = pd.DataFrame.from_dict(cells, orient="index")
+    frame = pd.Series(cells).unstack()
+    frame = frame.reindex(order)
+    frame.columns = pd.MultiIndex.from_tuples(frame.columns)
+    frame = frame[[(pair, k) for pair in p.table1_pairs for k in ("paper", "ours")]]
+    comp = data.dropna(subset=["computation"]).groupby("method", sort=False)["computation"].mean()
+    frame[("", "C (counted)")] = [f"{100 * comp[m]:.1f} %" if m in comp else "" for m in frame.index]
+    frame.index.name = "method"
+    gains = {f"{d}_gain": float("nan") for d in _DISTILLER_LABEL} | {f"{d}_wins": 0 for d in _DISTILLER_LABEL}
+    for d in p.table1_distillers:
+        label = _DISTILLER_LABEL[d]
+        base = data[data.method == label].set_index("pair")["ours"]
+        kc = data[data.method == "KC-" + label].set_index("pair")["ours"]
+        gains[f"{d}_gain"] = float((kc - base).mean())
+        gains[f"{d}_wins"] = int((kc > base).sum())
+    key = {**gains, "pairs": len(p.table1_pairs), "kcd_computation": 100 * float(comp.get("KC-KD", float("nan")))}
+    caption = _caption("Table 1: top-1 accuracy of KD, PKT, CRD and their KCD versions", p, p.table1_pairs)
+    return Table("table1", caption, frame, data, key)
+
+
+# Table 2 ----------------------------------------------------------------------------------------------------
+def table2_runs(profile: Profile | str) -> list[RunConfig]:
+    p = get_profile(profile)
+    pair, k = p.table2_pair, unix_k(p, p.table2_pair)
+    configs = []
+    for s in p.seeds:
+        configs += [distill(p, pair, seed=s), distill(p, pair, method="unix", k=k, seed=s),
+                    distill(p, pair, method="kcd", seed=s)]  # fmt: skip
+    return unique(configs)
+
+
+def table2(store: RunStore, profile: Profile | str) -> Table:
+    """Table 2: KD, UNIX as published, UNIX re-run at KCD's computation (k from Eq. 19), and KC-KD."""
+    p = get_profile(profile)
+    pair = p.table2_pair
+    teacher, student = p.run_pair(pair)
+    pt, ps = split_pair(pair)
+    published = reference.unix_published()
+    pub = published[(published.teacher == pt) & (published.student == ps)]
+    pub = pub.iloc[0] if len(pub) else None
+    paper1 = reference.paper_table1()
+    k = unix_k(p, pair)
+    ratio = fs_over_ft(teacher, student, p.dataset)
+    entries = [
+        ("KD", [distill(p, pair, seed=s) for s in p.seeds], 1.0,
+         None if pub is None else pub.kd_acc),
+        ("UNIX (published, k=48)", None, None if pub is None else pub.unix_computation_pct / 100,
+         None if pub is None else pub.unix_acc),
+        (f"UNIX (re-run, k={k})", [distill(p, pair, method="unix", k=k, seed=s) for s in p.seeds],
+         cost.unix_computation(k, 64, ratio), None),
+        ("KC-KD", [distill(p, pair, method="kcd", seed=s) for s in p.seeds], kcd_computation(p),
+         paper1.loc["KC-KD", pair] if pair in paper1.columns else None),
+    ]  # fmt: skip
+    rows, display = [], []
+    for label, cfgs, formula, ref in entries:
+        if cfgs is None:
+            mean = sd = counted = float("nan")
+            text, counted_text = "(not re-run)", "–"
+        else:
+            mean, sd, text = _cell(store, cfgs)
+            counted = statistics.fmean(_values(store, cfgs, "computation"))
+            counted_text = f"{100 * counted:.1f} %"
+        rows.append({"method": label, "ours": mean, "ours_sd": sd, "paper": ref, "formula": formula,
+                     "computation": counted})  # fmt: skip
+        display.append({
+            "method": label, "top-1 published": _paper(ref), "top-1 ours": text,
+            "C (formula)": "–" if formula is None else f"{100 * formula:.1f} %", "C (counted)": counted_text,
+        })  # fmt: skip
+    frame = pd.DataFrame(display).set_index("method")
+    data = pd.DataFrame(rows)
+    caption = _caption(
+        f"Table 2: KD, UNIX and KC-KD at matched computation; UNIX's k={k} makes its Eq. 19 cost equal KCD's C "
+        f"(Fs/Ft={ratio:.3f} counted for the pair run); published numbers: UNIX's official README and Table 1",
+        p, [pair],
+    )  # fmt: skip
+    key = {"unix_k": k, "kd_top1": rows[0]["ours"], "unix_top1": rows[2]["ours"], "kcd_top1": rows[3]["ours"],
+           "unix_computation": 100 * rows[2]["computation"],
+           "kcd_computation": 100 * rows[3]["computation"]}  # fmt: skip
+    return Table("table2", caption, frame, data, key)
+
+
+# Table 3 ----------------------------------------------------------------------------------------------------
+def _table3_configs(p: Profile, seed: int) -> dict[str, RunConfig]:
+    epochs, t = p.table3_epochs or p.epochs, p.table3_stage_epochs or p.stage_epochs
+    teacher, student = p.run_pair(p.table3_pair)
+    kw = {"dataset": p.table3_dataset, "epochs": epochs, "seed": seed}
+    return {"KD": distill_pair(p, teacher, student, **kw),
+            "KC-KD": distill_pair(p, teacher, student, method="kcd", stage_epochs=t, **kw)}  # fmt: skip
+
+
+def table3_runs(profile: Profile | str) -> list[RunConfig]:
+    p = get_profile(profile)
+    return unique(c for s in p.seeds for c in _table3_configs(p, s).values())
+
+
+def table3(store: RunStore, profile: Profile | str) -> Table:
+    """Table 3: ImageNet ResNet34 -> ResNet18, KD and KC-KD: top-1, top-5 and the absolute computation C_a."""
+    p = get_profile(profile)
+    rows, display = [], []
+    for label in ("KD", "KC-KD"):
+        cfgs = [_table3_configs(p, s)[label] for s in p.seeds]
+        m1, s1, t1 = _cell(store, cfgs)
+        m5, s5, t5 = _cell(store, cfgs, "final_top5")
+        ca = statistics.fmean(_values(store, cfgs, "points_distilled"))
+        c = statistics.fmean(_values(store, cfgs, "computation"))
+        rows.append({"method": label, "top1": m1, "top5": m5, "points_distilled": ca, "computation": c,
+                     "paper_points": PAPER_IMAGENET_CA[label]})  # fmt: skip
+        display.append({"method": label, "top-1 ours": t1, "top-5 ours": t5, "C_a counted": f"{ca:,.0f}",
+                        "C (counted)": f"{100 * c:.1f} %",
+                        "C_a paper": f"{PAPER_IMAGENET_CA[label] / 1e6:.0f}M"})  # fmt: skip
+    frame = pd.DataFrame(display).set_index("method")
+    data = pd.DataFrame(rows)
+    caption = _caption(
+        "Table 3: ImageNet ResNet34 → ResNet18 (paper: C_a = 114M points for KD, 81M for KC-KD; its accuracies "
+        "are not in our reference files)", p, [p.table3_pair], p.table3_dataset,
+        paper_note="paper: the absolute computation it quotes for ImageNet",
+    )  # fmt: skip
+    key = {"kd_points": rows[0]["points_distilled"], "kcd_points": rows[1]["points_distilled"],
+           "ratio": 100 * rows[1]["points_distilled"] / rows[0]["points_distilled"],
+           "kd_top1": rows[0]["top1"], "kcd_top1": rows[1]["top1"],
+           "paper_kd_points_m": PAPER_IMAGENET_CA["KD"] / 1e6,
+           "paper_kcd_points_m": PAPER_IMAGENET_CA["KC-KD"] / 1e6}  # fmt: skip
+    return Table("table3", caption, frame, data, key)
+
+
+# Table 4 ----------------------------------------------------------------------------------------------------
+# Label, method, options: each row adds one component of KCD to the one above (our reconstruction).
+TABLE4_ROWS = (
+    ("KD (all points)", "kd", {}),
+    ("random condensation (KCD's schedule)", "kcd", {"value": "random", "augment": "none"}),
+    ("+ value ranking, no cost-aware factor (α=0)", "kcd", {"alpha": 0.0, "augment": "none"}),
+    ("+ cost-aware factor (α=0.03), no augmentation", "kcd", {"augment": "none"}),
+    ("+ knowledge augmentation K1L = full KCD (paper schedule)", "kcd", {}),
+    ("full KCD, released code's schedule", "kcd", {"schedule": "official"}),
+)
+
+
+def table4_runs(profile: Profile | str) -> list[RunConfig]:
+    p = get_profile(profile)
+    return unique(distill(p, p.table4_pair, method=m, seed=s, **o) for _, m, o in TABLE4_ROWS for s in p.seeds)
+
+
+def table4(store: RunStore, profile: Profile | str) -> Table:
+    """Table 4 (reconstructed): KCD's components one at a time, and the paper's schedule against the code's."""
+    p = get_profile(profile)
+    paper1 = reference.paper_table1()
+    pair = p.table4_pair
+    rows, display = [], []
+    for label, m, o in TABLE4_ROWS:
+        cfgs = [distill(p, pair, method=m, seed=s, **o) for s in p.seeds]
+        mean, sd, text = _cell(store, cfgs)
+        counted = statistics.fmean(_values(store, cfgs, "computation"))
+        formula = statistics.fmean(_values(store, cfgs, "computation_formula"))
+        ref = None
+        if pair in paper1.columns and label.startswith(("KD", "+ knowledge")):
+            ref = paper1.loc["KD" if m == "kd" else "KC-KD", pair]
+        rows.append({"row": label, "ours": mean, "ours_sd": sd, "computation": counted, "formula": formula})
+        display.append({"variant": label, "top-1 paper (Table 1)": _paper(ref), "top-1 ours": text,
+                        "C (formula)": f"{100 * formula:.1f} %", "C (counted)": f"{100 * counted:.1f} %"})  # fmt: skip
+    frame = pd.DataFrame(display).set_index("variant")
+    data = pd.DataFrame(rows)
+    caption = _caption(
+        "Table 4 (our reconstruction: the supplement does not print the main paper's Table 4): KCD's components "
+        "added one at a time, and the paper's keep schedule (Eq. 16) against the released code's", p, [pair],
+    )  # fmt: skip
+    key = {"kd_top1": rows[0]["ours"], "random_top1": rows[1]["ours"], "alpha0_top1": rows[2]["ours"],
+           "noaug_top1": rows[3]["ours"], "kcd_top1": rows[4]["ours"], "official_top1": rows[5]["ours"],
+           "kcd_computation": 100 * rows[4]["computation"], "kcd_formula": 100 * rows[4]["formula"],
+           "official_computation": 100 * rows[5]["computation"]}  # fmt: skip
+    # The paper's own setting (CIFAR-100: N = 50,000, I = 240, T = 40, ρ = 0.7), computed, not typed in: the
+    # schedule of Eq. 16, and the released code's schedule replayed with its arithmetic.
+    released = condense.released_code_schedule(50000, 240, 40, KCD_RHO)
+    key["paper_setting_formula"] = 100 * condense.schedule_computation("paper", 240, 40, KCD_RHO)
+    key["paper_setting_released"] = 100 * released.computation
+    key["released_crash_condensation"] = condense.released_code_schedule(50000, 240, 30, KCD_RHO).crashes_at
+    return Table("table4", caption, frame, data, key)
+
+
+# Tables 5, 6, 7 ---------------------------------------------------------------------------------------------
+GRIDS = {
+    5: ("alpha", "α", "alphas"),
+    6: ("rho", "ρ", "rhos"),
+    7: ("augment", "augmentation", "augments"),
+}
+# Table 7's row names in the supplement for our augment option values.
+AUGMENT_LABELS = {"none": "K1 w/o Aug.", "random": "Aug. K1 in random (eps=eps_m)", "K1H": "Aug. K1H",
+                  "K1L": "Aug. K1L"}  # fmt: skip
+
+
+def grid_runs(profile: Profile | str, table: int) -> list[RunConfig]:
+    p = get_profile(profile)
+    option, _, knob = GRIDS[table]
+    return unique(
+        distill(p, pair, method="kcd", seed=s, **{option: v})
+        for pair in p.grid_pairs for v in getattr(p, knob) for s in p.seeds
+    )  # fmt: skip
+
+
+def grid(store: RunStore, profile: Profile | str, table: int) -> Table:
+    """Tables 5 (α), 6 (ρ) and 7 (augmentation): KC-KD with one setting varied, the others at the paper's."""
+    p = get_profile(profile)
+    option, symbol, knob = GRIDS[table]
+    paper = reference.paper_tables5to7()
+    paper = paper[paper.table == table]
+    rows, cells = [], {}
+    for v in getattr(p, knob):
+        label = AUGMENT_LABELS[v] if option == "augment" else f"{symbol} = {v:g}"
+        key_value = AUGMENT_LABELS[v] if option == "augment" else f"{float(v):g}"
+        ref_row = paper[paper.value.map(lambda x: x if option == "augment" else f"{float(x):g}") == key_value]
+        for pair in p.grid_pairs:
+            cfgs = [distill(p, pair, method="kcd", seed=s, **{option: v}) for s in p.seeds]
+            mean, sd, text = _cell(store, cfgs)
+            counted = statistics.fmean(_values(store, cfgs, "computation"))
+            ref = ref_row[pair].iloc[0] if len(ref_row) and pair in ref_row else None
+            rows.append({"setting": v, "pair": pair, "ours": mean, "ours_sd": sd, "paper": ref, "computation": counted})
+            cells[(label, (pair, "paper"))] = _paper(ref)
+            cells[(label, (pair, "ours"))] = text
+            cells[(label, (pair, "C (counted)"))] = f"{100 * counted:.1f} %"
+    frame = pd.Series(cells).unstack()
+    frame = frame.reindex(list(dict.fromkeys(label for label, _ in cells)))
+    frame.columns = pd.MultiIndex.from_tuples(frame.columns)
+    frame = frame[[(pair, k) for pair in p.grid_pairs for k in ("paper", "ours", "C (counted)")]]
+    frame.index.name = symbol
+    data = pd.DataFrame(rows)
+    best = data.groupby("setting", sort=False)["ours"].mean()
+    title = {5: "Table 5: the cost-aware exponent α", 6: "Table 6: the final keep-ratio ρ",
+             7: "Table 7: knowledge augmentation variants"}[table]  # fmt: skip
+    caption = _caption(f"{title} (KC-KD; other settings as in the paper: α=0.03, ρ=0.7, K1L)", p, p.grid_pairs)
+    key = {"best": str(best.idxmax()), "spread": float(best.max() - best.min())}
+    return Table(f"table{table}", caption, frame, data, key)
+
+
+def table5_runs(profile):
+    return grid_runs(profile, 5)
+
+
+def table6_runs(profile):
+    return grid_runs(profile, 6)
+
+
+def table7_runs(profile):
+    return grid_runs(profile, 7)
+
+
+def table5(store, profile):
+    return grid(store, profile, 5)
+
+
+def table6(store, profile):
+    return grid(store, profile, 6)
+
+
+def table7(store, profile):
+    return grid(store, profile, 7)
+
+
+# Figure 5 ---------------------------------------------------------------------------------------------------
+def figure5_runs(profile: Profile | str) -> list[RunConfig]:
+    p = get_profile(profile)
+    return unique(distill_pair(p, t, p.figure5_student, method="kcd", seed=0) for t in p.figure5_teachers.values())
+
+
+def value_labels(record: dict[str, Any]) -> torch.Tensor:
+    """A KCD record's final value labels ``y`` as a bool tensor (True = kept, y = 1)."""
+    return torch.tensor([c == "1" for c in record["value_labels"]])
+
+
+def teacher_entropy(store: RunStore, cfg: RunConfig, temperature: float) -> torch.Tensor:
+    """Entropy of the teacher's soft labels softmax(z_t / T) on every (unaugmented) training image of ``cfg``."""
+    data = store.dataset(cfg.dataset)
+    path = str(store.model_path(cfg.teacher)) if cfg.teacher else cfg.teacher_checkpoint
+    teacher = models.load_checkpoint(cfg.teacher_arch, path, num_classes=data.num_classes).to(store.device).eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, data.num_train, 512):
+            logits = teacher(data.normalize(data.train_images[start : start + 512])).float() / temperature
+            logp = torch.log_softmax(logits, 1)
+            out.append(-(logp.exp() * logp).sum(1).cpu())
+    return torch.cat(out)
+
+
+@dataclass
+class Figure:
+    name: str
+    caption: str
+    figure: Any  # matplotlib Figure
+    data: pd.DataFrame
+    key_numbers: dict[str, float] = field(default_factory=dict)
+
+
+def figure5(store: RunStore, profile: Profile | str, images_per_row: int = 10) -> Figure:
+    """Figure 5: (a) training images with value label 1 and 0 at the end of a KCD run; (b) the teacher's
+    soft-label entropy averaged over y = 1 and y = 0 points, at T = 4 and T = 1, for each teacher."""
+    import matplotlib.pyplot as plt
+
+    p = get_profile(profile)
+    rows = []
+    for paper_teacher, teacher in p.figure5_teachers.items():
+        cfg = distill_pair(p, teacher, p.figure5_student, method="kcd", seed=0)
+        y = value_labels(store.record(cfg))
+        for temp in (4.0, 1.0):
+            h = teacher_entropy(store, cfg, temp)
+            for label in (1, 0):
+                sel = y if label else ~y
+                rows.append({"teacher": teacher, "paper_teacher": paper_teacher, "T": temp, "y": label,
+                             "entropy": float(h[sel].mean()), "points": int(sel.sum())})  # fmt: skip
+    data = pd.DataFrame(rows)
+
+    first = distill_pair(p, next(iter(p.figure5_teachers.values())), p.figure5_student, method="kcd", seed=0)
+    y = value_labels(store.record(first))
+    images = store.dataset(first.dataset).train_images.cpu()
+    g = torch.Generator().manual_seed(0)
+    fig = plt.figure(figsize=(12, 6.5), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.1])
+    axes = top.subplots(2, images_per_row)
+    for r, (label, sel) in enumerate(((1, y), (0, ~y))):
+        idx = sel.nonzero().flatten()
+        pick = idx[torch.randperm(idx.numel(), generator=g)[:images_per_row]]
+        for c in range(images_per_row):
+            ax = axes[r, c]
+            ax.set_axis_off()
+            if c < pick.numel():
+                img = images[pick[c]].permute(1, 2, 0).numpy()
+                ax.imshow(img[..., 0] if img.shape[-1] == 3 and (img[..., 0] == img[..., 1]).all() else img,
+                          cmap="gray")  # fmt: skip
+        axes[r, 0].set_title(f"y = {label}", loc="left", fontsize=10)
+    top.suptitle(f"(a) value labels at the end of KCD ({first.teacher_arch} → {first.arch})", fontsize=11)
+    axs = bottom.subplots(1, 2)
+    for ax, temp in zip(axs, (4.0, 1.0)):
+        d = data[data["T"] == temp]
+        teachers = list(dict.fromkeys(d.teacher))
+        width = 0.38
+        for j, label in enumerate((1, 0)):
+            vals = [float(d[(d.teacher == t) & (d.y == label)].entropy.iloc[0]) for t in teachers]
+            ax.bar([i + (j - 0.5) * width for i in range(len(teachers))], vals, width, label=f"y = {label}")
+        ax.set_xticks(range(len(teachers)), teachers)
+        ax.set_ylabel("mean entropy of teacher soft labels")
+        ax.set_title(f"T = {temp:g}", fontsize=10)
+        ax.legend()
+    bottom.suptitle("(b) teacher soft-label entropy over kept (y = 1) and dropped (y = 0) points", fontsize=11)
+    plt.close(fig)
+    mapping = "; ".join(f"{k} → {v}" if k != v else k for k, v in p.figure5_teachers.items())
+    caption = (
+        f"Figure 5. Profile '{p.name}': {p.dataset}, {p.description}. KC-KD runs of {p.figure5_student} from each "
+        f"teacher (paper → run: {mapping}), seed 0."
+    )
+    t4 = data[data["T"] == 4.0].pivot_table(index="teacher", columns="y", values="entropy")
+    key = {"entropy_y1": float(t4[1].mean()), "entropy_y0": float(t4[0].mean()),
+           "teachers_higher_y0": int((t4[0] > t4[1]).sum()), "teachers": len(t4)}  # fmt: skip
+    return Figure("figure5", caption, fig, data, key)
+
+
+# KCD in five minutes ----------------------------------------------------------------------------------------
+def five_minutes_runs(profile: Profile | str) -> list[RunConfig]:
+    p = get_profile(profile)
+    pair = p.table2_pair
+    return unique([distill(p, pair), distill(p, pair, method="kcd")])
+
+
+def stage_table(record: dict[str, Any], num_points: int) -> pd.DataFrame:
+    """One row per KCD stage: points kept, fraction of N, points re-entered, images mixed at its start."""
+    frame = pd.DataFrame(record["stages"]).set_index("stage")
+    frame.insert(1, "kept fraction", frame["kept"] / num_points)
+    return frame
+
+
+def watch_kcd(store: RunStore, cfg: RunConfig) -> pd.DataFrame:
+    """Replay the KCD run ``cfg`` epoch by epoch and snapshot the value record at each condensation: one row
+    per (condensation, point) with ``V``, ``F``, the score, and whether the point was in the set before and
+    after. The replay is cached beside the run (``watch.pkl``), so a second call trains nothing."""
+    cache = store.path(cfg) / "watch.pkl"
+    if cache.exists():
+        return pd.read_pickle(cache)
+    trainer = store.build_trainer(cfg, progress=False)
+    method, n = trainer.method, trainer.data.num_train
+    frames = []
+    while trainer.epoch < cfg.recipe.epochs:
+        before = torch.zeros(n, dtype=torch.bool)
+        before[method.points] = True
+        trainer.train_epoch()
+        if trainer.epoch % method.T or trainer.epoch >= cfg.recipe.epochs:
+            continue
+        after = torch.zeros(n, dtype=torch.bool)
+        after[method.points] = True
+        frames.append(pd.DataFrame({
+            "condensation": trainer.epoch // method.T, "point": range(n),
+            "V": method.values.values.cpu().numpy(), "F": method.values.frequency.cpu().numpy(),
+            "score": method.values.score(method.options["alpha"], method.T).cpu().numpy(),
+            "label": trainer.data.train_labels.cpu().numpy(),
+            "before": before.numpy(), "after": after.numpy(),
+        }))  # fmt: skip
+    frame = pd.concat(frames, ignore_index=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_pickle(cache)
+    return frame
+
+
+def accuracy_curves(store: RunStore, configs: dict[str, RunConfig]) -> pd.DataFrame:
+    """Per-epoch test top-1 of several runs, long format (``run``, ``epoch``, ``top1``, ``points``)."""
+    rows = []
+    for name, cfg in configs.items():
+        for e in store.record(cfg)["epochs"]:
+            rows.append({"run": name, "epoch": e["epoch"], "top1": e["top1"], "points": e["points"]})
+    return pd.DataFrame(rows)
+
+
+ARTEFACTS = {
+    "table1": (table1_runs, table1),
+    "table2": (table2_runs, table2),
+    "table3": (table3_runs, table3),
+    "table4": (table4_runs, table4),
+    "table5": (table5_runs, table5),
+    "table6": (table6_runs, table6),
+    "table7": (table7_runs, table7),
+    "figure5": (figure5_runs, figure5),
+}
+
+
+def all_runs(profile: Profile | str) -> list[RunConfig]:
+    """Every run the book needs for ``profile`` (for planning: count, estimate time)."""
+    return unique([*(c for runs, _ in ARTEFACTS.values() for c in runs(profile)), *five_minutes_runs(profile)])
+
+
+def plot_stages(stages: pd.DataFrame):
+    """Bar chart of the kept fraction per stage, with re-entered and mixed points marked."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2), layout="constrained")
+    ax.bar(stages.index, stages["kept fraction"], color="#4c72b0", label="kept fraction τ^t")
+    for s, row in stages.iterrows():
+        ax.annotate(f"+{int(row['reentered'])} back\n{int(row['mixed'])} mixed", (s, row["kept fraction"]),
+                    ha="center", va="bottom", fontsize=8)  # fmt: skip
+    ax.set_xlabel("stage t")
+    ax.set_ylabel("fraction of N trained")
+    ax.set_ylim(0, 1.25)
+    ax.set_xticks(list(stages.index))
+    plt.close(fig)
+    return fig
+
+
+def plot_values(watch: pd.DataFrame):
+    """The distribution of the cost-aware value score at each condensation, kept (y=1) against dropped (y=0)."""
+    import matplotlib.pyplot as plt
+
+    steps = sorted(watch.condensation.unique())
+    fig, axes = plt.subplots(1, len(steps), figsize=(2.6 * len(steps), 2.8), sharey=True, layout="constrained")
+    axes = [axes] if len(steps) == 1 else list(axes)
+    for ax, c in zip(axes, steps):
+        w = watch[(watch.condensation == c) & (watch.F > 0)]
+        bins = 30
+        ax.hist(w[w.after].score, bins=bins, alpha=0.7, label="kept (y=1)")
+        ax.hist(w[~w.after].score, bins=bins, alpha=0.7, label="dropped (y=0)")
+        ax.set_title(f"after stage {c}", fontsize=9)
+        ax.set_xlabel("(F/T)^α · V")
+    axes[0].set_ylabel("points")
+    axes[0].legend(fontsize=8)
+    plt.close(fig)
+    return fig
+
+
+def plot_points(store: RunStore, cfg: RunConfig, watch: pd.DataFrame, per_row: int = 12):
+    """Training images the last condensation dropped, and images that re-entered the set after a drop."""
+    import matplotlib.pyplot as plt
+
+    images = store.dataset(cfg.dataset).train_images.cpu()
+    last = watch[watch.condensation == watch.condensation.max()]
+    dropped = last[last.before & ~last.after].sort_values("score").point.tolist()
+    back = watch[~watch.before & watch.after].point.drop_duplicates().tolist()
+    fig, axes = plt.subplots(2, per_row, figsize=(per_row * 0.9, 2.4), layout="constrained")
+    for r, (title, pts) in enumerate(((f"dropped at the last condensation ({len(dropped)})", dropped),
+                                      (f"entered at a condensation after being out ({len(back)})", back))):  # fmt: skip
+        for c in range(per_row):
+            ax = axes[r, c]
+            ax.set_axis_off()
+            if c < len(pts):
+                img = images[pts[c]].permute(1, 2, 0).numpy()
+                ax.imshow(img[..., 0] if (img[..., 0] == img[..., -1]).all() else img, cmap="gray")
+        axes[r, 0].set_title(title, loc="left", fontsize=9)
+    plt.close(fig)
+    return fig

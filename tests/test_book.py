@@ -1,0 +1,129 @@
+"""The book: every notebook executes under papermill (tiny profile) and shows its artefact, the Jupyter Book build
+passes with warnings as errors and offline, a failing notebook is named with its cell, a table page renders."""
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from kcdlib import book, profiles, reference, report
+from kcdlib.errors import UnknownName
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def tiny_book(tmp_path_factory, runs_dir, digits_teacher):
+    """The whole book on the tiny profile, built once; shares the suite's run store (and its digits teacher)."""
+    out = tmp_path_factory.mktemp("book")
+    with pytest.MonkeyPatch.context() as mp:
+        # The kernels run beside the test process on a small machine: one thread each (see conftest.CHILD_ENV).
+        mp.setenv("OMP_NUM_THREADS", "1")
+        html = book.build_book("tiny", runs_dir=runs_dir, out=out, echo=lambda *_: None, jobs=2)
+    return out, html
+
+
+def outputs(nb_path: Path) -> list[dict]:
+    nb = nbformat.read(nb_path, as_version=4)
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+
+
+@pytest.mark.parametrize("name", book.NOTEBOOKS)
+def test_notebook_shows_its_artefact(tiny_book, name):
+    out, _ = tiny_book
+    outs = outputs(out / "book" / "artefacts" / f"{name}.ipynb")
+    assert not [o for o in outs if o.output_type == "error"]
+    html = [o["data"]["text/html"] for o in outs if "text/html" in o.get("data", {})]
+    images = [o for o in outs if "image/png" in o.get("data", {})]
+    if name.startswith("table"):
+        assert any("<table" in h and "Profile 'tiny'" in h for h in html), f"{name} shows no captioned table"
+    else:
+        assert images, f"{name} shows no figure"
+
+
+def test_book_html_is_built_offline(tiny_book):
+    _, html = tiny_book
+    for page in (
+        "intro",
+        "method",
+        "reproduce",
+        "findings",
+        "contributing",
+        *(f"artefacts/{n}" for n in book.NOTEBOOKS),
+    ):
+        assert (html / "book" / f"{page}.html").is_file(), page
+    findings = (html / "book" / "findings.html").read_text()
+    assert "No key" not in findings and "%" in findings
+    remote = re.compile(r"<(?:script|link)\b[^>]*(?:src|href)=\"https?://", re.I)
+    for page in html.rglob("*.html"):
+        assert not remote.search(page.read_text(errors="replace")), f"{page} loads something from the internet"
+
+
+def test_failing_notebook_names_notebook_and_cell(tmp_path):
+    nb = nbformat.read(book.REPO / "notebooks" / "table3.ipynb", as_version=4)
+    nb.cells.insert(2, nbformat.v4.new_code_cell('raise RuntimeError("deliberately broken")'))
+    broken = tmp_path / "broken_table.ipynb"
+    nbformat.write(nb, broken)
+    with pytest.raises(book.NotebookFailed) as err:
+        book.execute_notebook(broken, tmp_path / "out" / "broken_table.ipynb", {"profile": "tiny"})
+    message = str(err.value)
+    assert "broken_table.ipynb" in message and "cell" in message and "deliberately broken" in message
+
+
+def test_profiles_and_reference_data():
+    with pytest.raises(UnknownName, match="known profiles"):
+        profiles.get_profile("nope")
+    for p in profiles.PROFILES.values():
+        assert p.epochs % p.stage_epochs == 0
+        for pair in p.table1_pairs:
+            assert all(a in report.models.ARCHS for a in p.run_pair(pair))
+    assert profiles.get_profile("smoke").stages == 6
+    assert len(profiles.get_profile("paper").table1_pairs) == 11
+    assert reference.paper_table1().loc["KC-KD", "wrn_40_2/wrn_16_2"] == pytest.approx(75.70)
+    assert len(reference.unix_published()) == 12
+
+
+def test_table2_matches_kcd_computation():
+    p = profiles.get_profile("paper")
+    k = report.unix_k(p, "wrn_40_2/wrn_16_2")
+    teacher, student = p.run_pair("wrn_40_2/wrn_16_2")
+    c = report.cost.unix_computation(k, 64, report.fs_over_ft(teacher, student, "cifar100"))
+    assert abs(c - report.kcd_computation(p)) < 0.01
+
+
+def _distinct_colours(png: Path) -> int:
+    from PIL import Image
+
+    with Image.open(png) as im:
+        return len(im.convert("RGB").getcolors(maxcolors=1 << 20) or [])
+
+
+def test_table_page_screenshot_is_not_blank(tiny_book, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium)")
+    _, html = tiny_book
+    png = tmp_path / "table1.png"
+    cmd = [
+        "timeout", "60", chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tempfile.mkdtemp()}", "--virtual-time-budget=3000", "--window-size=1280,900",
+        f"--screenshot={png}", (html / "book" / "artefacts" / "table1.html").as_uri(),
+    ]  # fmt: skip
+    subprocess.run(cmd, capture_output=True, timeout=90)
+    assert png.is_file() and png.stat().st_size > 10_000
+    assert _distinct_colours(png) > 50, "the screenshot of the table page is (nearly) blank"
+
+
+def test_rerun_trains_nothing(tiny_book, runs_dir):
+    records = sorted(Path(runs_dir).glob("*/record.json"))
+    before = {p: p.stat().st_mtime_ns for p in records}
+    store = report.RunStore(runs_dir)
+    report.ensure(store, report.all_runs("tiny"), progress=False)
+    assert {p: p.stat().st_mtime_ns for p in records} == before
+    assert json.loads(records[0].read_text())["hash"]
