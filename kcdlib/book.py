@@ -61,12 +61,16 @@ def build_book(
     html: bool = True,
     echo=print,
     jobs: int = 1,
+    devices: list[str] | None = None,
+    jobs_per_device: int = 1,
+    compile: str = "off",
 ) -> Path:
     """Execute the notebooks of ``profile`` into ``out/book/artefacts/`` and build ``out/_build/html``.
 
     ``out`` defaults to the checkout itself; another folder gets a copy of the book's sources first (the test
     suite builds into a temporary folder). Returns the HTML folder (or the artefacts folder without ``html``).
-    ``jobs`` notebooks run at a time (their runs are shared safely: the run store locks each run).
+    ``jobs`` notebooks run at a time (their runs are shared safely: the run store locks each run); inside a
+    notebook, missing runs are trained ``jobs_per_device`` at a time on each of ``devices``.
     """
     p = get_profile(profile)
     out = Path(out or REPO).resolve()
@@ -85,6 +89,9 @@ def build_book(
         "data_root": str(Path(data_root).resolve()),
         "runs_dir": str(runs_dir),
         "device": device or p.device,
+        "devices": devices,
+        "jobs_per_device": jobs_per_device,
+        "compile_mode": compile,
     }
     start = time.perf_counter()
 

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--runs-dir", help="the run store (default: runs/ in the checkout)")
     b.add_argument("--skip-html", action="store_true", help="execute the notebooks only, do not build the HTML")
     b.add_argument("--jobs", type=int, default=1, help="notebooks executed at a time (default 1)")
+    b.add_argument("--devices", help="comma-separated devices to spread runs over, e.g. cuda:0,cuda:1")
+    b.add_argument("--jobs-per-device", type=int, default=1, help="runs trained at once on each device (default 1)")
+    b.add_argument("--compile", default="off", choices=COMPILE_MODES, help="torch.compile mode of the networks")
     return parser
 
 
@@ -189,9 +192,13 @@ def main(argv: list[str] | None = None) -> int:
             from .book import build_book
 
             device = resolve_device(args.device) if args.device else None
+            devices = [resolve_device(d) for d in args.devices.split(",")] if args.devices else None
+            if args.jobs_per_device < 1:
+                raise BadOption("--jobs-per-device must be at least 1")
             out = build_book(
-                args.profile, args.data_root, device, args.runs_dir, html=not args.skip_html, jobs=args.jobs
-            )
+                args.profile, args.data_root, device, args.runs_dir, html=not args.skip_html, jobs=args.jobs,
+                devices=devices, jobs_per_device=args.jobs_per_device, compile=args.compile,
+            )  # fmt: skip
             print(out)
             return 0
         cfg = config_from_args(args)

@@ -109,13 +109,20 @@ def setup(
     data_root: str = "data",
     device: str | None = None,
     seeds: Sequence[int] | None = None,
+    devices: Sequence[str] | None = None,
+    jobs_per_device: int = 1,
+    compile: str = "off",
     **knobs: Any,
 ) -> tuple[Profile, RunStore]:
     """A notebook's first call: the profile with the notebook's parameters applied (``None`` keeps the
-    profile's value) and the run store."""
+    profile's value) and the run store. ``devices`` and ``jobs_per_device`` let :func:`ensure` train missing
+    runs several at a time."""
     changes = {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()}
     p = get_profile(profile).with_options(seeds=tuple(seeds) if seeds else None, **changes)
-    return p, RunStore(runs_dir, data_root, device or p.device)
+    store = RunStore(runs_dir, data_root, device or p.device, compile)
+    store.devices = list(devices) if devices else [str(store.device)]
+    store.jobs_per_device = jobs_per_device
+    return p, store
 
 
 # -- running -------------------------------------------------------------------------------------------------
@@ -132,8 +139,14 @@ def ensure(store: RunStore, configs: Iterable[RunConfig], progress: bool = True)
     from tqdm import tqdm
 
     configs = unique(configs)
-    reused = sum(store.record(c) is not None for c in configs)
+    missing = [c for c in configs if store.record(c) is None]
+    reused = len(configs) - len(missing)
     start = time.perf_counter()
+    devices, jobs = getattr(store, "devices", [str(store.device)]), getattr(store, "jobs_per_device", 1)
+    if missing and len(devices) * jobs > 1:
+        from .parallel import ensure_all
+
+        ensure_all(missing, str(store.root), store.data_root, devices, jobs, progress, store.compile)
     records = [
         store.ensure(cfg, progress=False)
         for cfg in tqdm(configs, desc="runs", unit="run", disable=not progress, mininterval=2.0)

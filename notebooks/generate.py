@@ -15,13 +15,17 @@ PARAMS = '''profile = "smoke"      # smoke (CPU, minutes), course (one GPU), pap
 data_root = "../data"  # where CIFAR-100 / ImageNet live (digits is embedded in scikit-learn)
 runs_dir = "../runs"   # the run store: finished runs are reused, never retrained
 device = None          # None: the profile's device; or "cpu", "cuda", "cuda:1"
-seeds = None           # None: the profile's seeds; e.g. [0, 1, 2] for mean ± sd'''
+seeds = None           # None: the profile's seeds; e.g. [0, 1, 2] for mean ± sd
+devices = None         # e.g. ["cuda:0", "cuda:1"]: spread the missing runs over these devices
+jobs_per_device = 1    # runs at once on each device (small CIFAR networks leave a GPU mostly idle)
+compile_mode = "off"   # "reduce-overhead": torch.compile with CUDA graphs (fastest on a GPU)'''
 
 SETUP = '''from myst_nb import glue
 
 from kcdlib import report
 
-p, store = report.setup(profile, runs_dir, data_root, device, seeds=seeds{knobs})
+p, store = report.setup(profile, runs_dir, data_root, device, seeds=seeds, devices=devices,
+                        jobs_per_device=jobs_per_device, compile=compile_mode{knobs})
 print(p.description)'''
 
 

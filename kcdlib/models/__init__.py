@@ -46,6 +46,7 @@ ARCHS: dict[str, Callable[[int], nn.Module]] = {
     "ResNet34": lambda num_classes=1000: _imagenet("ResNet34", num_classes),
 }
 
+
 def _imagenet(name: str, num_classes: int) -> nn.Module:
     # Imported on use: torchvision.models costs seconds to import, which every notebook kernel would pay.
     from . import imagenet
