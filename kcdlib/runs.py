@@ -15,7 +15,6 @@ first's record.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import hashlib
 import json
@@ -340,12 +339,3 @@ class RunStore:
         for leftover in run_dir.glob("images-*.pt"):
             leftover.unlink(missing_ok=True)
         return record
-
-    def records(self) -> list[dict[str, Any]]:
-        """Every finished run under the root."""
-        return [json.loads(p.read_text()) for p in sorted(self.root.glob("*/record.json"))]
-
-
-def replace(cfg: RunConfig, **changes) -> RunConfig:
-    """A copy of ``cfg`` with some fields changed."""
-    return dataclasses.replace(cfg, **changes)
