@@ -20,6 +20,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -260,8 +261,9 @@ class Trainer:
         if self.teacher is None:
             computation = n_s2 / full
         else:
-            r = self.method.context.fs_over_ft
-            computation = (n_t + (n_s1 + n_s2) * r) / (full * (1 + 2 * r))
+            # In exact rationals, so that equal pass counts give exactly the schedule's fraction (KD: 1.0).
+            r = Fraction(self.method.context.fs_over_ft)
+            computation = float((n_t + (n_s1 + n_s2) * r) / (full * (1 + 2 * r)))
         return {
             "final_top1": top1[-1] if top1 else None,
             "best_top1": max(top1) if top1 else None,
