@@ -71,6 +71,12 @@ AUGMENTS = ("K1L", "K1H", "random", "none")
 RELEASED_CODE_STAGES = 6
 
 
+def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """``H(softmax(z)) = -Σ p log p`` per sample, in fp32: the per-step value OGVE records (at temperature 1)."""
+    logp = torch.log_softmax(logits.float(), dim=1)
+    return -(logp.exp() * logp).sum(dim=1)
+
+
 class NonFiniteValue(KcdError):
     """An entropy handed to :meth:`ValueRecord.record` was NaN or infinite.
 

@@ -230,7 +230,7 @@ class UNIX(Method):
         with torch.no_grad():
             logits = student(x)
         self.extra_student_forwards += n
-        uncertainty = -(torch.log_softmax(logits.float(), 1).exp() * torch.log_softmax(logits.float(), 1)).sum(1)
+        uncertainty = condense.softmax_entropy(logits)
         r = torch.arange(n, device=x.device, dtype=torch.float32)
         centre = (2 * o["b"] - 1) / (2 * full)
         mask = torch.sigmoid(o["w"] * (r / full - centre))

@@ -552,14 +552,12 @@ def value_labels(record: dict[str, Any]) -> torch.Tensor:
 def teacher_entropy(store: RunStore, cfg: RunConfig, temperature: float) -> torch.Tensor:
     """Entropy of the teacher's soft labels softmax(z_t / T) on every (unaugmented) training image of ``cfg``."""
     data = store.dataset(cfg.dataset)
-    path = str(store.model_path(cfg.teacher)) if cfg.teacher else cfg.teacher_checkpoint
-    teacher = models.load_checkpoint(cfg.teacher_arch, path, num_classes=data.num_classes).to(store.device).eval()
+    teacher = store.load_teacher(cfg)
     out = []
     with torch.no_grad():
         for start in range(0, data.num_train, 512):
             logits = teacher(data.normalize(data.train_images[start : start + 512])).float() / temperature
-            logp = torch.log_softmax(logits, 1)
-            out.append(-(logp.exp() * logp).sum(1).cpu())
+            out.append(condense.softmax_entropy(logits).cpu())
     return torch.cat(out)
 
 

@@ -252,17 +252,20 @@ class RunStore:
                 return rec
             return self._train(cfg, run_dir, progress)
 
+    def load_teacher(self, cfg: RunConfig) -> torch.nn.Module:
+        """The frozen teacher of a distillation run, on the store's device, in eval mode."""
+        source = str(self.model_path(cfg.teacher)) if cfg.teacher else cfg.teacher_checkpoint
+        num_classes = self.dataset(cfg.dataset).num_classes
+        teacher = models.load_checkpoint(cfg.teacher_arch, source, num_classes=num_classes).to(self.device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher
+
     def build_trainer(self, cfg: RunConfig, progress: bool = True) -> Trainer:
         data = self.dataset(cfg.dataset)
         torch.manual_seed(cfg.seed)
         student = models.create(cfg.arch, num_classes=data.num_classes).to(self.device)
-        teacher = None
-        if cfg.kind == "distill":
-            source = str(self.model_path(cfg.teacher)) if cfg.teacher else cfg.teacher_checkpoint
-            teacher = models.load_checkpoint(cfg.teacher_arch, source, num_classes=data.num_classes).to(self.device)
-            teacher.eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
+        teacher = self.load_teacher(cfg) if cfg.kind == "distill" else None
         context = DistillContext(
             num_points=data.num_train,
             num_classes=data.num_classes,

@@ -24,9 +24,9 @@ from fractions import Fraction
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .condense import softmax_entropy
 from .data import epoch_generator
 from .distillers import Distiller
 from .methods import Method
@@ -68,12 +68,6 @@ def default_recipe(dataset: str, arch: str, epochs: int | None = None) -> Recipe
         # 1,437 points: 30 epochs are 690 steps of 64, enough for the small networks to converge.
         return Recipe(epochs or 30, lr=lr)
     return Recipe(epochs or 240, lr=lr)
-
-
-def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """``H(softmax(z)) = -Σ p log p`` per sample, at temperature 1, in fp32."""
-    logp = F.log_softmax(logits.float(), dim=1)
-    return -(logp.exp() * logp).sum(dim=1)
 
 
 def forward(model: nn.Module, x: torch.Tensor, features: bool):

@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from kcdlib import models
+from kcdlib.condense import softmax_entropy
 from kcdlib.data import crop_flip, load_digits
 from kcdlib.distillers import DistillContext, build
-from kcdlib.train import Recipe, Trainer, softmax_entropy
+from kcdlib.train import Recipe, Trainer
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import CHILD_ENV, STUDENT, TEACHER_EPOCHS, run_cli, short_kd
 
+from kcdlib.condense import softmax_entropy
 from kcdlib.methods import Method, MethodContext
 from kcdlib.runs import RunStore, distill_config
-from kcdlib.train import Recipe, Trainer, default_recipe, softmax_entropy
+from kcdlib.train import Recipe, Trainer, default_recipe
 
 VOLATILE = {"wall_seconds", "seconds"}
 
