@@ -372,6 +372,7 @@ def main(argv=None) -> None:
         row["kcd_over_first"] = round(best["kcd_subset"] / best["kd_first"], 4)
         row["within_5_percent"] = bool(max(abs(row["subset_over_first"] - 1), abs(row["kcd_over_first"] - 1)) <= 0.05)
 
+    row.update(trainer.execution())  # whether the engine really ran as asked (compilation can fall back)
     print(json.dumps(row), flush=True)
 
 

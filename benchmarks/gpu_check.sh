@@ -5,13 +5,12 @@
 #   QUICK=1 DEVICE=cpu bash benchmarks/gpu_check.sh      # rehearsal on a CPU: tiny pair, tiny step counts
 #
 # Prints the nvidia-smi header, the torch version and one JSON line per result:
-#   1. compare, fp32 engine: reference-style pipeline vs engine, resnet32x4 -> resnet8x4 KD at batch 64
-#      (images/s, ratio, multiply-add rates, measured matmul peaks, extrapolated epoch of 50,000 images);
-#   2. compare, bf16 engine;
-#   3. the engine's measured epoch of 50,000 images (fp32, then bf16);
-#   4. four concurrent engine processes on the one device vs one: total images/s ratio;
-#   5. KCD cost check: a pass over a random 35,000-point subset vs the first 35,000 points (within 5 %?);
-#   6. the bf16 engine with torch.compile and CUDA graphs (mode reduce-overhead).
+#   1. compare, for each PRECISION:COMPILE of COMPARES: reference-style pipeline vs engine, resnet32x4 ->
+#      resnet8x4 KD at batch 64 (images/s, ratio, multiply-add rates, measured matmul peaks, extrapolated epoch
+#      of 50,000 images);
+#   2. the engine's measured epoch of 50,000 images, with FAST (a PRECISION:COMPILE);
+#   3. four concurrent engine processes (FAST) on the one device vs one: total images/s ratio;
+#   4. KCD cost check (FAST): a pass over a random 35,000-point subset vs the first 35,000 points (within 5 %?).
 # Each python call runs under its own `timeout`; the whole run stays inside TOTAL_S seconds (default 470);
 # a failed step is reported and the others still run; the exit status is non-zero if any step failed.
 # When $OUT is set, the whole log is also written to $OUT/gpu_check.log.
@@ -25,6 +24,9 @@ DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
 TOTAL_S=${TOTAL_S:-470}
 BATCH=${BATCH:-64}
+# graph: the whole step as one CUDA graph; default+graph: the same around torch.compile'd networks; off: eager.
+COMPARES=${COMPARES:-bf16:graph fp32:graph bf16:default+graph fp32:off}
+FAST=${FAST:-bf16:graph}
 if [ "$QUICK" = 1 ]; then
     TEACHER=${TEACHER:-resnet20} STUDENT=${STUDENT:-resnet8}
     POINTS=${POINTS:-600} STEPS=${STEPS:-2} WARMUP=${WARMUP:-1} WORKERS=${WORKERS:-2}
@@ -38,6 +40,9 @@ else
 fi
 BENCH=(benchmarks/bench_epoch.py --dataset synthetic --points "$POINTS" --teacher "$TEACHER" --student "$STUDENT"
        --device "$DEVICE" --batch-size "$BATCH" --warmup "$WARMUP" ${EXTRA[@]+"${EXTRA[@]}"})
+# --precision P --compile C from "P:C"
+setting() { echo "--precision ${1%%:*} --compile ${1#*:}"; }
+read -r -a FAST_ARGS <<< "$(setting "$FAST")"
 FAILED=()
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
@@ -67,10 +72,10 @@ step() {
 # their warm-up, so their timed windows overlap); total images/s of the group over that of the single one.
 concurrency() {
     local parties=4 pids=() rc=0 i
-    "$PY" "${BENCH[@]}" --mode engine --steps "$CONC_STEPS" > "$TMP/single.json" || return 1
+    "$PY" "${BENCH[@]}" "${FAST_ARGS[@]}" --mode engine --steps "$CONC_STEPS" > "$TMP/single.json" || return 1
     mkdir -p "$TMP/barrier"
     for i in $(seq "$parties"); do
-        "$PY" "${BENCH[@]}" --mode engine --steps "$CONC_STEPS" --seed "$i" --barrier "$TMP/barrier" \
+        "$PY" "${BENCH[@]}" "${FAST_ARGS[@]}" --mode engine --steps "$CONC_STEPS" --seed "$i" --barrier "$TMP/barrier" \
             --parties "$parties" > "$TMP/group.$i.json" &
         pids+=($!)
     done
@@ -112,22 +117,19 @@ main() {
         'torch': torch.__version__, 'torchvision': torchvision.__version__, 'cuda': torch.version.cuda,
         'cudnn': torch.backends.cudnn.version(), 'device': torch.cuda.get_device_name() if torch.cuda.is_available()
         else 'cpu'}))"
-    local precisions=(fp32 bf16)
-
-    for p in "${precisions[@]}"; do
-        step "compare_$p" 90 "$PY" "${BENCH[@]}" --mode compare --steps "$STEPS" --workers "$WORKERS" \
-            --precision "$p" --peak-size "$PEAK"
+    local c args limit
+    for c in $COMPARES; do
+        read -r -a args <<< "$(setting "$c")"
+        limit=90
+        case $c in *default*|*reduce-overhead*) limit=180 ;; esac  # torch.compile's first compilation
+        step "compare_${c/:/_}" "$limit" "$PY" "${BENCH[@]}" "${args[@]}" --mode compare --steps "$STEPS" \
+            --workers "$WORKERS" --peak-size "$PEAK"
     done
-    for p in "${precisions[@]}"; do
-        step "epoch_$p" 75 "$PY" "${BENCH[@]}" --mode engine --steps 0 --precision "$p"
-    done
+    step "epoch_${FAST/:/_}" 75 "$PY" "${BENCH[@]}" "${FAST_ARGS[@]}" --mode engine --steps 0
     # A function cannot run under `timeout`: the script runs itself for that step (timeout kills the whole
     # process group, the four engine processes included).
     step concurrency 120 bash benchmarks/gpu_check.sh --concurrency
-    step kcd_cost 90 "$PY" "${BENCH[@]}" --mode kcd-cost --subset "$SUBSET" --repeats "$REPEATS"
-    # torch.compile with CUDA graphs (falls back to eager with a warning where it cannot compile).
-    step "steps_bf16_compiled" 150 "$PY" "${BENCH[@]}" --mode engine --steps "$STEPS" --precision bf16 \
-        --compile reduce-overhead
+    step kcd_cost 90 "$PY" "${BENCH[@]}" "${FAST_ARGS[@]}" --mode kcd-cost --subset "$SUBSET" --repeats "$REPEATS"
 
     if [ "${#FAILED[@]}" -gt 0 ]; then
         echo "{\"gpu_check\": \"failed\", \"failed_steps\": \"${FAILED[*]}\", \"seconds\": $SECONDS}"

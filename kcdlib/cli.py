@@ -52,8 +52,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision", default="fp32", choices=PRECISIONS, help="fp32 (default) or bf16 autocast for the networks"
     )
-    p.add_argument("--compile", default="off", choices=COMPILE_MODES,
-                   help="torch.compile the networks; reduce-overhead adds CUDA graphs (fastest on a GPU)")  # fmt: skip
+    p.add_argument(
+        "--compile", default="off", choices=COMPILE_MODES,
+        help="how steps run on a GPU: off (eager), default (torch.compile), reduce-overhead (compiled, with CUDA "
+        "graphs per network), graph (the whole step as one CUDA graph), default+graph",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -113,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--jobs", type=int, default=1, help="notebooks executed at a time (default 1)")
     b.add_argument("--devices", help="comma-separated devices to spread runs over, e.g. cuda:0,cuda:1")
     b.add_argument("--jobs-per-device", type=int, default=1, help="runs trained at once on each device (default 1)")
-    b.add_argument("--compile", default="off", choices=COMPILE_MODES, help="torch.compile mode of the networks")
+    b.add_argument("--compile", default="off", choices=COMPILE_MODES, help="how steps run (see kcd distill --help)")
     return parser
 
 

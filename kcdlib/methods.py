@@ -4,7 +4,8 @@ The engine asks a method three things, and KCD and UNIX need nothing more:
 
 - ``epoch_points(epoch)``: the point indices to train on in this epoch (``None`` = all ``N``);
 - ``observe(indices, entropies)``: called on every step with each sample's point index and the entropy of the
-  student's softmax from the training forward (tensors stay on the device);
+  student's softmax from the training forward (tensors stay on the device, and a CUDA graph's next replay
+  rewrites them: copy what you keep);
 - ``end_epoch(epoch, images)``: after the epoch, a chance to update the set (KCD's E-step) and report per-epoch
   facts for the record.
 

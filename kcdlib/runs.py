@@ -334,7 +334,7 @@ class RunStore:
                 "python": platform.python_version(),
             },
             "device": device_name(self.device),
-            "compile": self.compile,
+            "execution": trainer.execution(),
             "git_commit": git_commit(),
         }
         write_json(run_dir / "record.json", record)

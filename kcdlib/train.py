@@ -81,8 +81,11 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast for the networks' forwards (losses are computed in fp32 outside it)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    """bf16 autocast for the networks' forwards (losses are computed in fp32 outside it).
+
+    Without autocast's weight-cast cache: no weight is cast twice in one forward, and a cache filled while a CUDA
+    graph records would hand later steps tensors in the graph's memory."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False)
 
 
 @torch.no_grad()
@@ -142,13 +145,25 @@ class Trainer:
             for model in (student, self.teacher):
                 if model is not None:
                     model.to(memory_format=torch.channels_last)
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
         # What the training step calls: the networks themselves, or their torch.compile'd forms.
-        self._student = _compiled(student, compile)
-        self._teacher = None if self.teacher is None else _compiled(self.teacher, compile)
+        self.compile = compile
+        networks = {"graph": "off", "default+graph": "default"}.get(compile, compile)
+        self._student = _compiled(student, networks)
+        self._teacher = None if self.teacher is None else _compiled(self.teacher, networks)
         params = list(student.parameters()) + list(distiller.parameters())
         self.optimizer = torch.optim.SGD(
             params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, **_fast_step(data.device)
         )
+        # The whole step recorded as one CUDA graph (compile "graph"/"default+graph"); None: steps run eagerly.
+        self.step_graph: StepGraph | None = None
+        if networks != compile:
+            if data.device.type == "cuda":
+                self.step_graph = StepGraph(self.step, self.optimizer)
+            else:
+                warnings.warn(f"compile {compile!r} records CUDA graphs and needs a CUDA device: "
+                              f"steps on {data.device.type} run eagerly", stacklevel=2)  # fmt: skip
         # The run's own copy of the training images, only when the method writes into it (KCD's augmentation):
         # the dataset the user handed in stays as it was.
         self.images = data.train_images.clone() if self.method.modifies_images else None
@@ -174,37 +189,24 @@ class Trainer:
         self.distiller.train()
         if self.teacher is not None:
             self.teacher.eval()
-        features = self.distiller.needs_features
         device = self.data.device
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         steps = -(-n_points // self.recipe.batch_size)
         batches = self.data.train_batches(points, self.recipe.batch_size, self.seed, epoch, images=self.images)
+        step = self.step if self.step_graph is None else self.step_graph
         for x, y, idx in _bar(batches, steps, f"epoch {epoch}/{self.recipe.epochs}", self.progress):
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, self.precision):
                 x, y, idx = self.method.select((x, y, idx), self.student)
-                t_feats = t_logits = None
-                if self.teacher is not None:
-                    with torch.no_grad():
-                        t_feats, t_logits = forward(self._teacher, x, features)
-                    self.points_distilled += x.shape[0]
-                s_feats, s_logits = forward(self._student, x, features)
-            # Losses in fp32 whatever the networks ran in.
-            s_feats, t_feats = _fp32(s_feats), _fp32(t_feats)
-            s_logits, t_logits = s_logits.float(), None if t_logits is None else t_logits.float()
-            losses = self.distiller(s_feats, s_logits, t_feats, t_logits, y, idx)
-            loss = sum(losses.values())
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            logits = s_logits.detach()
-            entropy = softmax_entropy(logits)
+            if self.teacher is not None:
+                self.points_distilled += x.shape[0]
+            loss, entropy, hits = step(x, y, idx)
             self.method.observe(idx, entropy)
-            loss_sum += loss.detach() * x.shape[0]
-            correct += logits.argmax(dim=1).eq(y).sum()
+            loss_sum += loss * x.shape[0]
+            correct += hits
             seen += x.shape[0]
         self.points_trained += seen
         # One host synchronisation per epoch, here, not per step.
@@ -214,6 +216,29 @@ class Trainer:
             "train_loss": float(loss_sum) / max(seen, 1),
             "train_top1": 100.0 * float(correct) / max(seen, 1),
         }
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
+        """One SGD step on a batch: the teacher's hint, the student's forward, the distiller's losses, backward,
+        update. Returns ``(loss, entropy, hits)``, all on the device: the batch's mean loss, each sample's
+        softmax entropy ``H(p_s)`` (KCD's per-step value, from this same forward) and the number of correct
+        top-1 predictions. Nothing in it waits for the device, so it can be recorded as a CUDA graph."""
+        features = self.distiller.needs_features
+        with autocast(x.device, self.precision):
+            t_feats = t_logits = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    t_feats, t_logits = forward(self._teacher, x, features)
+            s_feats, s_logits = forward(self._student, x, features)
+        # Losses in fp32 whatever the networks ran in.
+        s_feats, t_feats = _fp32(s_feats), _fp32(t_feats)
+        s_logits, t_logits = s_logits.float(), None if t_logits is None else t_logits.float()
+        losses = self.distiller(s_feats, s_logits, t_feats, t_logits, y, idx)
+        loss = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        logits = s_logits.detach()
+        return loss.detach(), softmax_entropy(logits), logits.argmax(dim=1).eq(y).sum()
 
     def train_epoch(self) -> dict[str, Any]:
         """Train the next epoch on the method's points, evaluate, and let the method end the epoch."""
@@ -272,6 +297,18 @@ class Trainer:
             **self.method.summary(),
         }
 
+    def execution(self) -> dict[str, Any]:
+        """How the steps ran: the ``compile`` mode asked for, whether any of it fell back to eager (with a warning),
+        and how many times the step was recorded as a CUDA graph."""
+        compiled = [m for m in (self._student, self._teacher) if isinstance(m, _Compiled)]
+        graph = self.step_graph
+        graph_wanted = self.compile in ("graph", "default+graph")
+        return {
+            "compile": self.compile,
+            "eager_fallback": any(m.failed for m in compiled) or (graph_wanted and (graph is None or graph.failed)),
+            "graph_recordings": 0 if graph is None else graph.recordings,
+        }
+
     # -- checkpointing ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -303,7 +340,99 @@ class Trainer:
         self.wall_seconds = state["wall_seconds"]
 
 
-COMPILE_MODES = ("off", "default", "reduce-overhead")
+# How the training step runs. off: eagerly. default: torch.compile'd networks. reduce-overhead: the same, each
+# network's forward and backward as CUDA graphs (torch's). graph: the whole step (both forwards, the losses,
+# backward, SGD) recorded as one CUDA graph of eager kernels (StepGraph). default+graph: that, with compiled
+# networks inside.
+COMPILE_MODES = ("off", "default", "reduce-overhead", "graph", "default+graph")
+
+
+def capture_cuda_graph(fn: Callable[[], None], stream: torch.cuda.Stream) -> Callable[[], None]:
+    """Record the kernels ``fn`` launches on ``stream`` as one CUDA graph (nothing runs yet); returns its replay."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        fn()
+    return graph.replay
+
+
+class StepGraph:
+    """The whole training step recorded once as a CUDA graph and replayed for every batch of the same shape.
+
+    Eager PyTorch spends more host time launching a step's kernels than a GPU spends running them at batch 64; a
+    replay launches them all at once. A graph replays its kernels on the memory it recorded them on, so each
+    batch is copied into static inputs and the step's outputs are read from static outputs (valid until the next
+    replay). What the graph bakes in is watched: it is recorded again when the learning rate changes (the
+    milestones), and batches of another shape (an epoch's short last batch) run eagerly. Before the first
+    recording, ``warmup`` eager steps on the stream it records on create what must not be created while
+    recording (cuDNN's autotuned algorithms, cuBLAS's per-stream workspace, SGD's momentum buffers). If recording
+    fails, a warning says why and every step from then on runs eagerly.
+    """
+
+    def __init__(self, step, optimizer: torch.optim.Optimizer, warmup: int = 3, capture=capture_cuda_graph):
+        self.step, self.optimizer, self.warmup, self.capture = step, optimizer, warmup, capture
+        self.shape: torch.Size | None = None  # the batch shape it records: the first batch's
+        self.key: tuple[float, ...] | None = None  # the learning rates the recorded graph holds
+        self.replay: Callable[[], None] | None = None
+        self.inputs: tuple[torch.Tensor, ...] = ()
+        self.outputs: tuple[torch.Tensor, ...] = ()
+        self.gradients: list[torch.Tensor | None] = []
+        self.recordings = 0
+        self.failed = False
+        self.stream: torch.cuda.Stream | None = None  # the side stream of warm-up and recording (CUDA only)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
+        if self.shape is None:
+            self.shape = x.shape
+        if self.failed or x.shape != self.shape:
+            return self.step(x, y, idx)
+        key = tuple(float(group["lr"]) for group in self.optimizer.param_groups)
+        if key != self.key:
+            if self.warmup > 0:
+                self.warmup -= 1
+                return self._on_side_stream(x, y, idx)
+            try:
+                self._record(x, y, idx, key)
+            except Exception as err:  # noqa: BLE001 - any recording failure means: run eagerly
+                warnings.warn(f"recording the training step as a CUDA graph failed, running eagerly: {err!r:.300}",
+                              stacklevel=2)  # fmt: skip
+                self.failed, self.replay, self.key = True, None, None
+                self.optimizer.zero_grad(set_to_none=True)
+                return self.step(x, y, idx)
+        for static, t in zip(self.inputs, (x, y, idx)):
+            static.copy_(t)
+        self.replay()
+        return self.outputs
+
+    def _record(self, x, y, idx, key) -> None:
+        # Release the previous graph (and its memory) before recording the next.
+        self.replay, self.key, self.gradients = None, None, []
+        self.inputs = tuple(t.clone() for t in (x, y, idx))  # clone keeps channels-last strides
+        # Gradients are then allocated while recording, in the graph's own memory, and rewritten by each replay.
+        self.optimizer.zero_grad(set_to_none=True)
+
+        def body():
+            self.outputs = self.step(*self.inputs)
+
+        self.replay = self.capture(body, self._side_stream(x))
+        # The gradients the graph writes, kept allocated when an eager step (a short batch) sets .grad to None.
+        self.gradients = [p.grad for group in self.optimizer.param_groups for p in group["params"]]
+        self.key = key
+        self.recordings += 1
+
+    def _side_stream(self, x: torch.Tensor) -> torch.cuda.Stream | None:
+        if self.stream is None and x.is_cuda:
+            self.stream = torch.cuda.Stream(x.device)
+        return self.stream
+
+    def _on_side_stream(self, x, y, idx):
+        stream = self._side_stream(x)
+        if stream is None:
+            return self.step(x, y, idx)
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(stream):
+            out = self.step(x, y, idx)
+        torch.cuda.current_stream(x.device).wait_stream(stream)
+        return out
 
 
 class _Compiled:
@@ -331,8 +460,6 @@ class _Compiled:
 
 
 def _compiled(model: nn.Module, mode: str):
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
     return model if mode == "off" else _Compiled(model, mode)
 
 
