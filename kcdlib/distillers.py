@@ -28,6 +28,7 @@ class DistillContext:
     num_classes: int
     student_dim: int  # size of the student's pooled feature (feats[-1])
     teacher_dim: int  # same for the teacher; 0 when there is no teacher
+    labels: torch.Tensor | None = None  # each point's class (CRD draws its negatives from the other classes)
 
 
 DISTILLERS: dict[str, Callable[[DistillContext], Distiller]] = {}
@@ -163,11 +164,12 @@ class CRD(Distiller):
 
     The pooled features ``feats[-1]`` of student and teacher are embedded (linear + L2 norm) into 128-d; each
     embedding is contrasted, at temperature 0.07, against the other network's memory bank: its own point's row
-    (the positive) and ``K`` rows drawn uniformly at random from all ``N`` points (negatives; with replacement, so
-    one may be the positive itself, as in RepDistiller's memory when it draws them). The two NCE losses are
-    summed. Both banks (``N × 128``) are indexed by the original knowledge-point index, so a condensed subset
-    (KC-CRD) updates and contrasts against the same rows as full training; after the loss, the batch's rows are
-    moved towards the new embeddings with momentum 0.5 and renormalised.
+    (the positive; RepDistiller's ``exact`` mode) and ``K`` rows of points of the other classes, drawn uniformly
+    (negatives, as RepDistiller's sampling dataset draws them: without replacement, or with replacement when the
+    other classes have fewer than ``K`` points). The two NCE losses are summed. Both banks (``N × 128``) are
+    indexed by the original knowledge-point index, so a condensed subset (KC-CRD) updates and contrasts against
+    the same rows as full training; after the loss, the batch's rows are moved towards the new embeddings with
+    momentum 0.5 and renormalised.
 
     ``K = min(16384, N)``: RepDistiller's 16384 whenever ``N ≥ 16384`` (CIFAR-100, ImageNet); on smaller sets
     (digits, tests) drawing more negatives than there are points only repeats rows, multiplies the memory traffic
@@ -187,7 +189,20 @@ class CRD(Distiller):
         if context.teacher_dim <= 0:
             raise ValueError("distiller 'crd' needs a teacher (teacher_dim is 0)")
         n = context.num_points
+        if context.labels is None or context.labels.shape != (n,):
+            raise ValueError(f"distiller 'crd' draws negatives from the other classes: it needs the {n} points' labels")
         self.num_negatives = min(self.nce_k, n)
+        labels = context.labels.detach().to("cpu", torch.int64)
+        counts = torch.bincount(labels, minlength=context.num_classes)
+        # The points sorted by class: the other classes of class c are the positions outside
+        # [start[c], start[c] + counts[c]).
+        self.register_buffer("labels", labels, persistent=False)
+        self.register_buffer("by_class", torch.argsort(labels, stable=True), persistent=False)
+        self.register_buffer("class_start", torch.cumsum(counts, 0) - counts, persistent=False)
+        self.register_buffer("class_count", counts, persistent=False)
+        # Per class, as RepDistiller: with replacement only when the other classes hold fewer than K points.
+        replace = self.num_negatives > n - counts[counts > 0]
+        self.replacement = "always" if bool(replace.all()) else "never" if not bool(replace.any()) else "by class"
         self.embed_s = Embed(context.student_dim, self.feat_dim)
         self.embed_t = Embed(context.teacher_dim, self.feat_dim)
         stdv = (self.feat_dim / 3) ** -0.5
@@ -195,6 +210,25 @@ class CRD(Distiller):
         self.register_buffer("memory_t", torch.rand(n, self.feat_dim).mul_(2 * stdv).add_(-stdv))
         # Z for the student anchor (scored against memory_t) and the teacher anchor (against memory_s).
         self.register_buffer("z", torch.full((2,), -1.0))
+
+    def negatives(self, anchor_labels: torch.Tensor) -> torch.Tensor:
+        """``[B, K]`` point indices of other classes than each anchor's, drawn uniformly with torch's RNG."""
+        b, k, n = anchor_labels.shape[0], self.num_negatives, self.labels.shape[0]
+        device = anchor_labels.device
+        drawn = []
+        if self.replacement != "never":
+            # Uniform ranks among the other classes' m points, skipping the anchor's class in the sorted order.
+            start, count = self.class_start[anchor_labels].view(b, 1), self.class_count[anchor_labels].view(b, 1)
+            m = n - count
+            rank = torch.minimum((torch.rand(b, k, device=device) * m).long(), m - 1)
+            drawn.append(self.by_class[rank + (rank >= start) * count])
+        if self.replacement != "always":
+            # A uniform k-subset: the k smallest of independent uniform keys, the anchor's class keyed out.
+            keys = torch.rand(b, n, device=device).masked_fill_(self.labels.view(1, n) == anchor_labels.view(b, 1), 2.0)
+            drawn.append(keys.topk(k, dim=1, largest=False, sorted=False).indices)
+        if len(drawn) == 1:
+            return drawn[0]
+        return torch.where((k > n - self.class_count[anchor_labels]).view(b, 1), drawn[0], drawn[1])
 
     def _scores(self, anchor: torch.Tensor, memory: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         rows = memory[sample]  # [B, K + 1, d], a copy: the memory itself never needs a gradient
@@ -209,8 +243,7 @@ class CRD(Distiller):
         v_s = self.embed_s(s_feats[-1])
         v_t = self.embed_t(t_feats[-1].detach())
         n = self.memory_s.shape[0]
-        sample = torch.randint(n, (indices.shape[0], self.num_negatives + 1), device=indices.device)
-        sample[:, 0] = indices
+        sample = torch.cat([indices.view(-1, 1), self.negatives(self.labels[indices])], dim=1)
         out_s = self._scores(v_s, self.memory_t, sample)
         out_t = self._scores(v_t, self.memory_s, sample)
         # Set Z once, from the first batch, without a host synchronisation.

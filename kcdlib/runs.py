@@ -271,6 +271,7 @@ class RunStore:
             num_classes=data.num_classes,
             student_dim=models.penultimate_dim(student),
             teacher_dim=models.penultimate_dim(teacher) if teacher is not None else 0,
+            labels=data.train_labels,
         )
         distiller = build_distiller(cfg.distiller, context).to(self.device)
         fs_over_ft = 1.0

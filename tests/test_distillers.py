@@ -101,9 +101,11 @@ def test_pkt_distiller_weights():
 N, B, DS, DT, CLASSES = 50, 4, 6, 8, 5
 
 
-def make_crd(seed=0, num_points=N):
+def make_crd(seed=0, num_points=N, labels=None, classes=CLASSES):
     torch.manual_seed(seed)
-    return build("crd", DistillContext(num_points=num_points, num_classes=CLASSES, student_dim=DS, teacher_dim=DT))
+    labels = torch.arange(num_points) % classes if labels is None else labels
+    context = DistillContext(num_points=num_points, num_classes=classes, student_dim=DS, teacher_dim=DT, labels=labels)
+    return build("crd", context)
 
 
 def batch(seed=1, indices=(3, 17, 42, 8)):
@@ -119,11 +121,17 @@ def run(crd, f_s, f_t, logits, labels, idx):
     return crd([f_s], logits, [f_t], None, labels, idx)
 
 
+def draw_after_seed(crd, seed, idx):
+    """The negatives CRD draws for the anchors ``idx`` right after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    return crd.negatives(crd.labels[idx])
+
+
 @torch.no_grad()
-def crd_reference(crd, f_s, f_t, idx, sample):
+def crd_reference(crd, f_s, f_t, idx, sample, memory_s, memory_t):
     """CRD's NCE loss and memory update in float64 with explicit loops, from the memory before the step."""
     n, k = crd.context.num_points, sample.shape[1] - 1
-    mem_s, mem_t = crd.memory_s.double().clone(), crd.memory_t.double().clone()
+    mem_s, mem_t = memory_s.double().clone(), memory_t.double().clone()
 
     def embed(head, f):
         v = f.double() @ head.linear.weight.double().t() + head.linear.bias.double()
@@ -164,27 +172,68 @@ def test_crd_construction():
     ]
     with pytest.raises(ValueError, match="teacher"):
         build("crd", DistillContext(num_points=N, num_classes=CLASSES, student_dim=DS, teacher_dim=0))
+    with pytest.raises(ValueError, match="labels"):
+        build("crd", DistillContext(num_points=N, num_classes=CLASSES, student_dim=DS, teacher_dim=DT))
 
 
 def test_crd_full_size_negatives():
-    crd = make_crd(num_points=20000)
-    assert crd.num_negatives == 16384
+    crd = make_crd(num_points=20000, classes=100)  # CIFAR-100's shape: 19,800 points of other classes
+    assert crd.num_negatives == 16384 and crd.replacement == "never"
     f_s, f_t, logits, labels, idx = batch(indices=(19999, 0))
     losses = run(crd, f_s, f_t, logits, labels, idx)
     assert math.isfinite(losses["crd"].item()) and losses["crd"].item() > 0
 
 
+def test_crd_negatives_are_a_uniform_subset_of_the_other_classes():
+    """K of 19,800 other-class points: without replacement, as RepDistiller's np.random.choice(..., replace=False)."""
+    crd = make_crd(num_points=20000, classes=100)
+    anchors = torch.tensor([0, 0, 7, 99])
+    torch.manual_seed(0)
+    neg = crd.negatives(anchors)
+    assert neg.shape == (4, 16384)
+    for row, c in zip(neg, anchors.tolist()):
+        assert row.unique().numel() == 16384  # no repeats
+        assert not (crd.labels[row] == c).any()
+    assert not torch.equal(neg[0].sort().values, neg[1].sort().values)  # independent draws
+
+
+def test_crd_negatives_with_replacement_are_uniform_over_the_other_classes():
+    """Digits-sized sets: K = N exceeds the other classes' points, so draws repeat (RepDistiller: replace=True)."""
+    crd = make_crd()  # 50 points, 5 classes of 10: K = 50 > 40
+    assert crd.replacement == "always"
+    torch.manual_seed(0)
+    neg = crd.negatives(torch.full((2000,), 3))
+    assert not (crd.labels[neg] == 3).any()
+    counts = torch.bincount(neg.flatten(), minlength=N)[crd.labels != 3]
+    expected = neg.numel() / 40  # 2,500 each, standard deviation about 49
+    assert counts.min() > expected - 300 and counts.max() < expected + 300
+
+
+def test_crd_negatives_by_class_when_only_some_classes_are_small():
+    # Class 0 holds half of 20,000 points (10,000 others: with replacement); the other 99 classes share the
+    # rest (about 19,900 others each: without).
+    labels = torch.cat([torch.zeros(10000, dtype=torch.long), 1 + torch.arange(10000) % 99])
+    crd = make_crd(num_points=20000, labels=labels, classes=100)
+    assert crd.replacement == "by class"
+    torch.manual_seed(0)
+    neg = crd.negatives(torch.tensor([0, 5]))
+    assert not (labels[neg[0]] == 0).any() and not (labels[neg[1]] == 5).any()
+    assert neg[0].unique().numel() < 16384 and neg[1].unique().numel() == 16384
+
+
 def test_crd_loss_and_memory_match_reference():
     crd = make_crd()
     f_s, f_t, logits, labels, idx = batch()
-    torch.manual_seed(7)
-    sample = torch.randint(N, (B, N + 1))  # the draw the distiller makes after the same seed
-    sample[:, 0] = idx
-    expected, new_s, new_t = crd_reference(crd, f_s, f_t, idx, sample)
+    drawn, draw = [], crd.negatives
+    crd.negatives = lambda anchor_labels: drawn.append(draw(anchor_labels)) or drawn[-1]
     before_s, before_t = crd.memory_s.clone(), crd.memory_t.clone()
 
     torch.manual_seed(7)
     losses = run(crd, f_s, f_t, logits, labels, idx)
+    assert len(drawn) == 1 and drawn[0].shape == (B, N)
+    assert torch.equal(drawn[0], draw_after_seed(crd, 7, idx))
+    sample = torch.cat([idx.view(-1, 1), drawn[0]], dim=1)
+    expected, new_s, new_t = crd_reference(crd, f_s, f_t, idx, sample, before_s, before_t)
     assert set(losses) == {"ce", "crd"}
     assert losses["ce"].item() == pytest.approx(F.cross_entropy(logits, labels).item())
     assert losses["crd"].shape == ()
