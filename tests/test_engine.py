@@ -2,14 +2,13 @@
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from conftest import CHILD_ENV, STUDENT, TEACHER_EPOCHS, run_cli, short_kd
+from conftest import CHILD_ENV, STUDENT, TEACHER_EPOCHS, kill_and_resume, short_kd
 
 from kcdlib.condense import softmax_entropy
 from kcdlib.methods import Method, MethodContext
@@ -116,30 +115,8 @@ def test_killed_run_resumes_to_the_same_record(store, digits_teacher, tmp_path):
             str(TEACHER_EPOCHS), "--student", STUDENT, "--epochs", "4", "--seed", "3", "--device", "cpu",
             "--no-progress"]  # fmt: skip
     cfg = short_kd(digits_teacher, epochs=4, seed=3)
-    # Uninterrupted, in its own store (with a copy of the teacher run), in a process like the killed one's
-    # (the same thread count: a different one changes the float sums' order).
-    clean_dir = tmp_path / "clean"
-    shutil.copytree(store.path(digits_teacher), clean_dir / digits_teacher.hash)
-    assert run_cli(*args, "--runs-dir", str(clean_dir)).returncode == 0
-    clean = json.loads((clean_dir / cfg.hash / "record.json").read_text())
-    # Interrupted: killed with SIGKILL in the middle of epoch 3, then run again.
-    killed_dir = tmp_path / "killed"
-    shutil.copytree(store.path(digits_teacher), killed_dir / digits_teacher.hash)
-    ckpt = killed_dir / cfg.hash / "checkpoint.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "kcdlib", *args, "--runs-dir", str(killed_dir)], env=CHILD_ENV)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if ckpt.exists() and torch.load(ckpt, weights_only=False)["epoch"] >= 2:
-            break
-        time.sleep(0.05)
-    time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed_dir / cfg.hash / "record.json").exists(), "the run finished before it could be killed"
-    done = run_cli(*args, "--runs-dir", str(killed_dir))
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == str(killed_dir / cfg.hash / "record.json")
-    resumed = json.loads((killed_dir / cfg.hash / "record.json").read_text())
+    clean, resumed, done = kill_and_resume(store, digits_teacher, cfg, args, tmp_path, kill_at_epoch=2)
+    assert done.stdout.strip().splitlines()[-1].endswith(f"{cfg.hash}/record.json")
     assert comparable(resumed) == comparable(clean)
 
 

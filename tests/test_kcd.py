@@ -1,15 +1,8 @@
 """KCD and UNIX in the engine, on digits: counted computation, condensation, augmentation, resume, options."""
 
-import json
-import shutil
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 import torch
-from conftest import CHILD_ENV, STUDENT, TEACHER_EPOCHS, run_cli, short_kd
+from conftest import STUDENT, TEACHER_EPOCHS, kill_and_resume, short_kd
 
 from kcdlib import condense, cost, models
 from kcdlib.errors import BadOption
@@ -89,31 +82,15 @@ def test_killed_kcd_run_resumes_to_the_same_record(store, digits_teacher, tmp_pa
     args = ["distill", "--dataset", "digits", "--teacher", digits_teacher.arch, "--teacher-epochs",
             str(TEACHER_EPOCHS), "--student", STUDENT, "--epochs", "6", "--method", "kcd", "--stage-epochs", "1",
             "--seed", "4", "--device", "cpu", "--no-progress"]  # fmt: skip
-    cfg = kcd(digits_teacher, epochs=6, stage_epochs=1)
     cfg = short_kd(digits_teacher, epochs=6, method="kcd", method_options={"stage_epochs": 1}, seed=4)
-    dirs = {}
-    for name in ("clean", "killed"):
-        dirs[name] = tmp_path / name
-        shutil.copytree(store.path(digits_teacher), dirs[name] / digits_teacher.hash)
-    assert run_cli(*args, "--runs-dir", str(dirs["clean"])).returncode == 0
-    ckpt = dirs["killed"] / cfg.hash / "checkpoint.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "kcdlib", *args, "--runs-dir", str(dirs["killed"])], env=CHILD_ENV)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # past two condensations, so mixed images must come back from the checkpoint
-        if ckpt.exists() and torch.load(ckpt, weights_only=False)["epoch"] >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (dirs["killed"] / cfg.hash / "record.json").exists(), "the run finished before it could be killed"
-    assert run_cli(*args, "--runs-dir", str(dirs["killed"])).returncode == 0
-    records = [json.loads((dirs[n] / cfg.hash / "record.json").read_text()) for n in ("clean", "killed")]
-    for rec in records:
+    # Killed past two condensations, so mixed images must come back from the checkpoint.
+    clean, resumed, _ = kill_and_resume(store, digits_teacher, cfg, args, tmp_path, kill_at_epoch=3)
+    for rec in (clean, resumed):
         rec.pop("wall_seconds")
         for row in rec["epochs"]:
             row.pop("seconds")
-    assert records[0] == records[1]
-    assert not list((dirs["killed"] / cfg.hash).glob("images-*.pt")), "image snapshots left behind"
+    assert resumed == clean
+    assert not list((tmp_path / "killed" / cfg.hash).glob("images-*.pt")), "image snapshots left behind"
 
 
 def test_unix_counts_its_passes_as_eq17(store, digits_teacher):
