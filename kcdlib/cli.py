@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+import warnings
 
 import torch
 
@@ -37,6 +38,21 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def at_least(low: int):
+    """An argparse type: an integer no smaller than ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
 def check_name(kind: str, name: str, known) -> None:
     if name not in known:
         raise UnknownName(f"unknown {kind} '{name}'; known {kind}s: {', '.join(sorted(known))}")
@@ -45,8 +61,10 @@ def check_name(kind: str, name: str, known) -> None:
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits", help="digits (embedded, default), cifar100 or imagenet")
     p.add_argument("--data-root", default="data", help="folder holding cifar-100-python/ or imagenet train/ val/")
-    p.add_argument("--epochs", type=int, help="training epochs (default: the dataset's protocol; lr milestones scale)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
+    p.add_argument(
+        "--epochs", type=at_least(1), help="training epochs (default: the dataset's protocol; lr milestones scale)"
+    )
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of initialisation, data order and augmentation")
     p.add_argument("--runs-dir", default="runs", help="the run store (default: ./runs)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument(
@@ -89,19 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--student", required=True, help="student architecture")
     d.add_argument("--distiller", default="kd", help=f"one of: {', '.join(sorted(set(DISTILLERS) - {'ce'}))}")
     d.add_argument("--method", default="kd", help=f"one of: {', '.join(sorted(METHODS))} (default kd)")
-    d.add_argument("--teacher-epochs", type=int, help="epochs of the cached teacher run (default: the protocol)")
+    d.add_argument(
+        "--teacher-epochs", type=at_least(1), help="epochs of the cached teacher run (default: the protocol)"
+    )
     k = d.add_argument_group("KCD (--method kcd)")
     k.add_argument("--rho", type=float, help="final condensation ratio ρ (default 0.7)")
     k.add_argument("--alpha", type=float, help="cost-aware exponent α of (F/T)^α·V (default 0.03)")
-    k.add_argument("--stage-epochs", type=int, help="epochs per stage T (default: epochs/6, the paper's 40 of 240)")
+    k.add_argument(
+        "--stage-epochs", type=at_least(1), help="epochs per stage T (default: epochs/6, the paper's 40 of 240)"
+    )
     k.add_argument("--schedule", choices=["paper", "official"], help="keep-ratio schedule: paper (Eq. 16, default) "
                    "or official (the released code's)")  # fmt: skip
     k.add_argument("--augment", choices=["K1L", "K1H", "random", "none"], help="knowledge augmentation (default K1L)")
     k.add_argument("--eps-m", type=float, help="ε_m, the smallest mixing ratio (default 0.7)")
     k.add_argument("--value", choices=["entropy", "random"], help="value estimate; random = ablation baseline")
     u = d.add_argument_group("UNIX (--method unix)")
-    u.add_argument("--unix-k", type=int, help="samples distilled per batch k (default 48)")
-    u.add_argument("--unix-b", type=int, help="mixup mask centre b (default 32)")
+    u.add_argument("--unix-k", type=at_least(1), help="samples distilled per batch k (default 48)")
+    u.add_argument("--unix-b", type=at_least(1), help="mixup mask centre b (default 32)")
     u.add_argument("--unix-w", type=float, help="mixup mask steepness w (default 10)")
     add_common(d)
 
@@ -113,9 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the profile's)")
     b.add_argument("--runs-dir", help="the run store (default: runs/ in the checkout)")
     b.add_argument("--skip-html", action="store_true", help="execute the notebooks only, do not build the HTML")
-    b.add_argument("--jobs", type=int, default=1, help="notebooks executed at a time (default 1)")
+    b.add_argument("--jobs", type=at_least(1), default=1, help="notebooks executed at a time (default 1)")
     b.add_argument("--devices", help="comma-separated devices to spread runs over, e.g. cuda:0,cuda:1")
-    b.add_argument("--jobs-per-device", type=int, default=1, help="runs trained at once on each device (default 1)")
+    b.add_argument(
+        "--jobs-per-device", type=at_least(1), default=1, help="runs trained at once on each device (default 1)"
+    )
     b.add_argument("--compile", default="off", choices=COMPILE_MODES, help="how steps run (see kcd distill --help)")
     return parser
 
@@ -184,9 +208,20 @@ def summary_line(cfg: RunConfig, rec: dict) -> str:
     )
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (a fallback to eager steps, say) as one line for the reader, not a source location."""
+    print(f"kcd: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         if args.command == "models":
             print("\n".join(models.ARCHS))
@@ -196,8 +231,6 @@ def main(argv: list[str] | None = None) -> int:
 
             device = resolve_device(args.device) if args.device else None
             devices = [resolve_device(d) for d in args.devices.split(",")] if args.devices else None
-            if args.jobs_per_device < 1:
-                raise BadOption("--jobs-per-device must be at least 1")
             out = build_book(
                 args.profile, args.data_root, device, args.runs_dir, html=not args.skip_html, jobs=args.jobs,
                 devices=devices, jobs_per_device=args.jobs_per_device, compile=args.compile,

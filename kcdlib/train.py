@@ -29,6 +29,7 @@ from torch import nn
 from .condense import softmax_entropy
 from .data import epoch_generator
 from .distillers import Distiller
+from .errors import BadOption
 from .methods import Method
 
 # Architectures that RepDistiller trains with lr 0.01 instead of 0.05.
@@ -47,6 +48,11 @@ class Recipe:
     weight_decay: float = 5e-4
     milestones: tuple[float, ...] = (150 / 240, 180 / 240, 210 / 240)
     lr_decay: float = 0.1
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise BadOption(f"a run needs at least one epoch and one sample a batch, got {self.epochs} epochs of "
+                            f"batches of {self.batch_size}")  # fmt: skip
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of 1-based ``epoch``: decayed once for each milestone epoch already passed."""

@@ -83,3 +83,26 @@ def test_distill_from_a_published_style_checkpoint(tmp_path, capsys, store, digi
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert lines[-1].endswith("record.json") and "top-1" in lines[-2]
+
+
+@pytest.mark.parametrize(
+    "flag, value, needle",
+    [("--epochs", "-3", "must be at least 1"), ("--epochs", "x", "'x' is not a whole number"),
+     ("--seed", "-1", "must be at least 0"),
+     ("--teacher-epochs", "0", "must be at least 1"), ("--stage-epochs", "0", "must be at least 1")],
+)  # fmt: skip
+def test_numbers_out_of_range_are_refused_before_anything_runs(tmp_path, capsys, flag, value, needle):
+    with pytest.raises(SystemExit) as exited:
+        main(["distill", "--teacher", "resnet20", "--student", "resnet8", flag, value, "--runs-dir", str(tmp_path)])
+    assert exited.value.code == 2
+    assert f"argument {flag}: {needle}" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_warnings_are_one_line_for_the_reader(tmp_path, capsys, store, digits_teacher):
+    proc = run_main(capsys, "distill", "--dataset", "digits", "--teacher-ckpt", str(store.model_path(digits_teacher)),
+                    "--teacher-arch", "resnet20", "--student", "resnet8", "--epochs", "1", "--compile", "graph",
+                    "--runs-dir", str(tmp_path), "--device", "cpu", "--no-progress")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "kcd: warning: compile 'graph' records CUDA graphs and needs a CUDA device" in proc.stderr
+    assert "UserWarning" not in proc.stderr and ".py:" not in proc.stderr
