@@ -77,6 +77,7 @@ def build_book(
     notebooks = Path(notebooks or REPO / "notebooks")
     runs_dir = Path(runs_dir or REPO / "runs").resolve()
     if out != REPO:
+        out.mkdir(parents=True, exist_ok=True)
         for name in BOOK_SOURCES:
             src = REPO / name
             if src.is_dir():

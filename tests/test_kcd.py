@@ -31,17 +31,17 @@ def test_kcd_paper_schedule_counts_what_eq16_says(store, digits_teacher):
 
 
 def test_kcd_official_schedule_trains_stage_one_on_everything(store, digits_teacher):
-    cfg = kcd(digits_teacher, schedule="official")
+    cfg = kcd(digits_teacher, epochs=6, schedule="official")  # six stages of one epoch
     rec = store.ensure(cfg, progress=False)
-    sizes = condense.keep_schedule("official", N, 12, 2, 0.7)
+    sizes = condense.keep_schedule("official", N, 6, 1, 0.7)
     assert sizes[0] == N and rec["epochs"][0]["points"] == N
-    assert rec["points_distilled"] == 2 * sum(sizes)
-    assert rec["computation"] == pytest.approx(2 * sum(sizes) / (N * 12))
+    assert rec["points_distilled"] == sum(sizes)
+    assert rec["computation"] == pytest.approx(sum(sizes) / (N * 6))
     assert rec["computation"] > 0.85
 
 
 def test_kcd_mixes_the_runs_own_images_only(store, digits_teacher):
-    trainer = store.build_trainer(kcd(digits_teacher, epochs=6, stage_epochs=1), progress=False)
+    trainer = store.build_trainer(kcd(digits_teacher, epochs=3, stage_epochs=1), progress=False)
     original = trainer.data.train_images.clone()
     trainer.run()
     assert torch.equal(trainer.data.train_images, original), "the dataset handed in was modified"
@@ -53,16 +53,16 @@ def test_kcd_mixes_the_runs_own_images_only(store, digits_teacher):
 
 
 def test_kcd_none_augment_leaves_images_alone(store, digits_teacher):
-    trainer = store.build_trainer(kcd(digits_teacher, epochs=6, stage_epochs=1, augment="none"), progress=False)
+    trainer = store.build_trainer(kcd(digits_teacher, epochs=3, stage_epochs=1, augment="none"), progress=False)
     assert trainer.images is None  # no copy of the images is made when nothing will be mixed into them
     trainer.run()
     assert all(s["mixed"] == 0 for s in trainer.method.stages)
 
 
 def test_random_value_ablation_keeps_the_schedule(store, digits_teacher):
-    trainer = store.build_trainer(kcd(digits_teacher, epochs=6, stage_epochs=1, value="random"), progress=False)
+    trainer = store.build_trainer(kcd(digits_teacher, epochs=3, stage_epochs=1, value="random"), progress=False)
     trainer.run()
-    assert [s["kept"] for s in trainer.method.stages] == condense.keep_schedule("paper", N, 6, 1, 0.7)
+    assert [s["kept"] for s in trainer.method.stages] == condense.keep_schedule("paper", N, 3, 1, 0.7)
 
 
 def test_bad_kcd_options_are_refused_before_any_training(tmp_path, digits_teacher):
@@ -80,9 +80,9 @@ def test_bad_kcd_options_are_refused_before_any_training(tmp_path, digits_teache
 
 def test_killed_kcd_run_resumes_to_the_same_record(store, digits_teacher, tmp_path):
     args = ["distill", "--dataset", "digits", "--teacher", digits_teacher.arch, "--teacher-epochs",
-            str(TEACHER_EPOCHS), "--student", STUDENT, "--epochs", "6", "--method", "kcd", "--stage-epochs", "1",
+            str(TEACHER_EPOCHS), "--student", STUDENT, "--epochs", "4", "--method", "kcd", "--stage-epochs", "1",
             "--seed", "4", "--device", "cpu", "--no-progress"]  # fmt: skip
-    cfg = short_kd(digits_teacher, epochs=6, method="kcd", method_options={"stage_epochs": 1}, seed=4)
+    cfg = short_kd(digits_teacher, epochs=4, method="kcd", method_options={"stage_epochs": 1}, seed=4)
     # Killed past two condensations, so mixed images must come back from the checkpoint.
     clean, resumed, _ = kill_and_resume(store, digits_teacher, cfg, args, tmp_path, kill_at_epoch=3)
     for rec in (clean, resumed):
@@ -109,7 +109,7 @@ def test_unix_counts_its_passes_as_eq17(store, digits_teacher):
 
 
 def test_nan_entropy_stops_the_run_naming_the_point(store, digits_teacher):
-    trainer = store.build_trainer(kcd(digits_teacher, epochs=6, stage_epochs=1), progress=False)
+    trainer = store.build_trainer(kcd(digits_teacher, epochs=3, stage_epochs=1), progress=False)
     poisoned = trainer.method.observe
 
     def observe(indices, entropies):
