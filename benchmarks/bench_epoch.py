@@ -75,10 +75,10 @@ def sync(device: torch.device) -> None:
 COMPILE = "off"  # set from --compile: how the engine runs its networks (see kcdlib.train.COMPILE_MODES)
 
 
-def make_trainer(student, teacher, data, batch_size: int, precision: str, method=None) -> Trainer:
+def make_trainer(student, teacher, data, batch_size: int, precision: str, method=None, compile=None) -> Trainer:
     context = DistillContext(data.num_train, data.num_classes, models.penultimate_dim(student), 0)
     return Trainer(student, data, Recipe(1, batch_size=batch_size), build("kd", context), teacher, method=method,
-                   progress=False, precision=precision, compile=COMPILE)  # fmt: skip
+                   progress=False, precision=precision, compile=compile or COMPILE)  # fmt: skip
 
 
 def matmul_rate(n: int, dtype: torch.dtype, device: torch.device, repeats: int = 3) -> float:

@@ -5,6 +5,7 @@
 #   QUICK=1 DEVICE=cpu bash benchmarks/gpu_check.sh      # rehearsal on a CPU: tiny pair, tiny step counts
 #
 # Prints the nvidia-smi header, the torch version and one JSON line per result:
+#   0. graph_check: the step recorded as one CUDA graph trains like the eager step (fails the check if not);
 #   1. compare, for each PRECISION:COMPILE of COMPARES: reference-style pipeline vs engine, resnet32x4 ->
 #      resnet8x4 KD at batch 64 (images/s, ratio, multiply-add rates, measured matmul peaks, extrapolated epoch
 #      of 50,000 images);
@@ -30,12 +31,12 @@ FAST=${FAST:-bf16:graph}
 if [ "$QUICK" = 1 ]; then
     TEACHER=${TEACHER:-resnet20} STUDENT=${STUDENT:-resnet8}
     POINTS=${POINTS:-600} STEPS=${STEPS:-2} WARMUP=${WARMUP:-1} WORKERS=${WORKERS:-2}
-    CONC_STEPS=${CONC_STEPS:-2} SUBSET=${SUBSET:-420} REPEATS=${REPEATS:-1} PEAK=${PEAK:-256}
+    CONC_STEPS=${CONC_STEPS:-2} SUBSET=${SUBSET:-420} REPEATS=${REPEATS:-1} PEAK=${PEAK:-256} GRAPH_STEPS=${GRAPH_STEPS:-2}
     EXTRA=(--threads 1)
 else
     TEACHER=${TEACHER:-resnet32x4} STUDENT=${STUDENT:-resnet8x4}
     POINTS=${POINTS:-50000} STEPS=${STEPS:-300} WARMUP=${WARMUP:-10} WORKERS=${WORKERS:-8}
-    CONC_STEPS=${CONC_STEPS:-400} SUBSET=${SUBSET:-35000} REPEATS=${REPEATS:-2} PEAK=${PEAK:-0}
+    CONC_STEPS=${CONC_STEPS:-400} SUBSET=${SUBSET:-35000} REPEATS=${REPEATS:-2} PEAK=${PEAK:-0} GRAPH_STEPS=${GRAPH_STEPS:-20}
     EXTRA=()
 fi
 BENCH=(benchmarks/bench_epoch.py --dataset synthetic --points "$POINTS" --teacher "$TEACHER" --student "$STUDENT"
@@ -117,6 +118,8 @@ main() {
         'torch': torch.__version__, 'torchvision': torchvision.__version__, 'cuda': torch.version.cuda,
         'cudnn': torch.backends.cudnn.version(), 'device': torch.cuda.get_device_name() if torch.cuda.is_available()
         else 'cpu'}))"
+    step graph_check 90 "$PY" benchmarks/graph_check.py --device "$DEVICE" --teacher "$TEACHER" --student "$STUDENT" \
+        --steps "$GRAPH_STEPS" --batch-size "$BATCH"
     local c args limit
     for c in $COMPARES; do
         read -r -a args <<< "$(setting "$c")"

@@ -108,3 +108,14 @@ def test_reference_augmentation_is_the_engines(digits):
     candidates = digits.normalize(crop_flip(image.expand(n, -1, -1, -1), dy.flatten(), dx.flatten(),
                                             flip.flatten().bool(), digits.pad))  # fmt: skip
     assert (candidates - sample).abs().flatten(1).amax(1).min() < 1e-5
+
+
+def test_graph_check_reports_the_fallback_on_a_cpu(capsys, one_thread):
+    torch.set_num_threads(1)
+    with pytest.warns(UserWarning, match="needs a CUDA device"):
+        load("graph_check").main(["--device", "cpu", "--teacher", "resnet8", "--student", "resnet8", "--steps", "1"])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # Without CUDA the "graph" run is the eager step: equal to the eager runs, but not ok (nothing was recorded).
+    assert row["max_abs_diff_graph"] == row["max_abs_diff_eager_again"] == 0.0
+    assert row["eager_fallback"] and row["graph_recordings"] == 0 and not row["ok"]
+    assert len(row["loss_graph"]) == 2 and row["loss_graph"] == row["loss_eager"]
