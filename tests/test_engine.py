@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import CHILD_ENV, STUDENT, TEACHER_EPOCHS, kill_and_resume, short_kd
+from conftest import CHILD_ENV, STUDENT, TEACHER_EPOCHS, short_kd
 
 from kcdlib.condense import softmax_entropy
 from kcdlib.methods import Method, MethodContext
@@ -108,16 +108,6 @@ def test_lr_schedule_scales_with_the_run():
     assert default_recipe("cifar100", "ShuffleV2").lr == 0.01
     short = Recipe(epochs=24)
     assert short.lr_at(15) == 0.05 and abs(short.lr_at(16) - 0.005) < 1e-12
-
-
-def test_killed_run_resumes_to_the_same_record(store, digits_teacher, tmp_path):
-    args = ["distill", "--dataset", "digits", "--teacher", digits_teacher.arch, "--teacher-epochs",
-            str(TEACHER_EPOCHS), "--student", STUDENT, "--epochs", "4", "--seed", "3", "--device", "cpu",
-            "--no-progress"]  # fmt: skip
-    cfg = short_kd(digits_teacher, epochs=4, seed=3)
-    clean, resumed, done = kill_and_resume(store, digits_teacher, cfg, args, tmp_path, kill_at_epoch=2)
-    assert done.stdout.strip().splitlines()[-1].endswith(f"{cfg.hash}/record.json")
-    assert comparable(resumed) == comparable(clean)
 
 
 def test_two_processes_asking_for_one_run_train_it_once(store, digits_teacher, tmp_path):

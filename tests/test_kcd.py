@@ -83,8 +83,10 @@ def test_killed_kcd_run_resumes_to_the_same_record(store, digits_teacher, tmp_pa
             str(TEACHER_EPOCHS), "--student", STUDENT, "--epochs", "4", "--method", "kcd", "--stage-epochs", "1",
             "--seed", "4", "--device", "cpu", "--no-progress"]  # fmt: skip
     cfg = short_kd(digits_teacher, epochs=4, method="kcd", method_options={"stage_epochs": 1}, seed=4)
-    # Killed past two condensations, so mixed images must come back from the checkpoint.
-    clean, resumed, _ = kill_and_resume(store, digits_teacher, cfg, args, tmp_path, kill_at_epoch=3)
+    # The most stateful run there is (value record, condensed set, mixed images), killed past two condensations:
+    # everything must come back from the checkpoint.
+    clean, resumed, done = kill_and_resume(store, digits_teacher, cfg, args, tmp_path, kill_at_epoch=3)
+    assert done.stdout.strip().splitlines()[-1].endswith(f"{cfg.hash}/record.json")
     for rec in (clean, resumed):
         rec.pop("wall_seconds")
         for row in rec["epochs"]:
