@@ -31,12 +31,14 @@ FAST=${FAST:-bf16:graph}
 if [ "$QUICK" = 1 ]; then
     TEACHER=${TEACHER:-resnet20} STUDENT=${STUDENT:-resnet8}
     POINTS=${POINTS:-600} STEPS=${STEPS:-2} WARMUP=${WARMUP:-1} WORKERS=${WORKERS:-2}
-    CONC_STEPS=${CONC_STEPS:-2} SUBSET=${SUBSET:-420} REPEATS=${REPEATS:-1} PEAK=${PEAK:-256} GRAPH_STEPS=${GRAPH_STEPS:-2}
+    CONC_STEPS=${CONC_STEPS:-2} SUBSET=${SUBSET:-420} REPEATS=${REPEATS:-1} PEAK=${PEAK:-256}
+    GRAPH_STEPS=${GRAPH_STEPS:-2}
     EXTRA=(--threads 1)
 else
     TEACHER=${TEACHER:-resnet32x4} STUDENT=${STUDENT:-resnet8x4}
     POINTS=${POINTS:-50000} STEPS=${STEPS:-300} WARMUP=${WARMUP:-10} WORKERS=${WORKERS:-8}
-    CONC_STEPS=${CONC_STEPS:-400} SUBSET=${SUBSET:-35000} REPEATS=${REPEATS:-2} PEAK=${PEAK:-0} GRAPH_STEPS=${GRAPH_STEPS:-20}
+    CONC_STEPS=${CONC_STEPS:-400} SUBSET=${SUBSET:-35000} REPEATS=${REPEATS:-2} PEAK=${PEAK:-0}
+    GRAPH_STEPS=${GRAPH_STEPS:-20}
     EXTRA=()
 fi
 BENCH=(benchmarks/bench_epoch.py --dataset synthetic --points "$POINTS" --teacher "$TEACHER" --student "$STUDENT"
@@ -76,8 +78,8 @@ concurrency() {
     "$PY" "${BENCH[@]}" "${FAST_ARGS[@]}" --mode engine --steps "$CONC_STEPS" > "$TMP/single.json" || return 1
     mkdir -p "$TMP/barrier"
     for i in $(seq "$parties"); do
-        "$PY" "${BENCH[@]}" "${FAST_ARGS[@]}" --mode engine --steps "$CONC_STEPS" --seed "$i" --barrier "$TMP/barrier" \
-            --parties "$parties" > "$TMP/group.$i.json" &
+        "$PY" "${BENCH[@]}" "${FAST_ARGS[@]}" --mode engine --steps "$CONC_STEPS" --seed "$i" \
+            --barrier "$TMP/barrier" --parties "$parties" > "$TMP/group.$i.json" &
         pids+=($!)
     done
     for i in "${pids[@]}"; do wait "$i" || rc=1; done

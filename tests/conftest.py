@@ -1,13 +1,8 @@
-import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
-import torch
 
 from kcdlib.runs import RunStore, distill_config, teacher_config
 
@@ -48,31 +43,3 @@ def run_cli(*args, timeout=600):
     return subprocess.run(
         [sys.executable, "-m", "kcdlib", *args], capture_output=True, text=True, timeout=timeout, env=CHILD_ENV
     )
-
-
-def kill_and_resume(store, teacher, cfg, args, tmp_path, kill_at_epoch: int):
-    """Run ``kcd ARGS`` (the run ``cfg``) twice, each in its own store holding a copy of ``teacher``'s run:
-    uninterrupted, and killed with SIGKILL once its checkpoint has reached ``kill_at_epoch``, then run again.
-
-    The two first runs go side by side (one thread each). Returns the uninterrupted record, the resumed one and
-    the resuming process.
-    """
-    dirs = {name: tmp_path / name for name in ("clean", "killed")}
-    for d in dirs.values():
-        shutil.copytree(store.path(teacher), d / teacher.hash)
-    procs = {name: subprocess.Popen([sys.executable, "-m", "kcdlib", *args, "--runs-dir", str(d)], env=CHILD_ENV)
-             for name, d in dirs.items()}  # fmt: skip
-    ckpt = dirs["killed"] / cfg.hash / "checkpoint.pt"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if ckpt.exists() and torch.load(ckpt, weights_only=False)["epoch"] >= kill_at_epoch:
-            break
-        time.sleep(0.05)
-    procs["killed"].send_signal(signal.SIGKILL)
-    procs["killed"].wait()
-    assert procs["clean"].wait() == 0
-    assert not (dirs["killed"] / cfg.hash / "record.json").exists(), "the run finished before it could be killed"
-    resumed = run_cli(*args, "--runs-dir", str(dirs["killed"]))
-    assert resumed.returncode == 0, resumed.stderr
-    records = [json.loads((d / cfg.hash / "record.json").read_text()) for d in dirs.values()]
-    return records[0], records[1], resumed
