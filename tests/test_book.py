@@ -10,6 +10,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import TEACHER_EPOCHS
 
 from kcdlib import book, profiles, reference, report
 from kcdlib.errors import UnknownName
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="session")
 def tiny_book(tmp_path_factory, runs_dir, digits_teacher):
     """The whole book on the tiny profile, built once; shares the suite's run store (and its digits teacher)."""
+    assert profiles.get_profile("tiny").teacher_epochs == TEACHER_EPOCHS, "the tiny book must reuse this teacher"
     out = tmp_path_factory.mktemp("book")
     with pytest.MonkeyPatch.context() as mp:
         # The kernels run beside the test process on a small machine: one thread each (see conftest.CHILD_ENV).

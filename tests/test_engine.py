@@ -35,9 +35,9 @@ def test_digits_teacher_is_clearly_good(store, digits_teacher):
 
 
 def test_kd_student_far_above_chance_and_counted(store, digits_teacher):
-    cfg = distill_config("digits", STUDENT, teacher=digits_teacher, distiller="kd", epochs=12)
+    cfg = distill_config("digits", STUDENT, teacher=digits_teacher, distiller="kd", epochs=8)
     rec = store.ensure(cfg, progress=False)
-    assert rec["final_top1"] > 80.0, rec["final_top1"]  # chance is 10 %
+    assert rec["final_top1"] > 80.0, rec["final_top1"]  # chance is 10 %; 93.9 % measured
     n = 1437
     assert rec["points_distilled"] == n * cfg.recipe.epochs
     assert rec["computation"] == 1.0
@@ -114,7 +114,7 @@ def test_two_processes_asking_for_one_run_train_it_once(store, digits_teacher, t
     runs = tmp_path / "runs"
     shutil.copytree(store.path(digits_teacher), runs / digits_teacher.hash)
     args = [sys.executable, "-m", "kcdlib", "distill", "--dataset", "digits", "--teacher", digits_teacher.arch,
-            "--teacher-epochs", str(TEACHER_EPOCHS), "--student", STUDENT, "--epochs", "2", "--seed", "5",
+            "--teacher-epochs", str(TEACHER_EPOCHS), "--student", STUDENT, "--epochs", "1", "--seed", "5",
             "--device", "cpu", "--no-progress", "--runs-dir", str(runs)]  # fmt: skip
     procs = [
         subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
@@ -127,7 +127,7 @@ def test_two_processes_asking_for_one_run_train_it_once(store, digits_teacher, t
     record = json.loads(open(paths.pop()).read())
     # Both printed the same summary (same wall time: the second reused the first's record).
     assert outs[0][0].splitlines()[0] == outs[1][0].splitlines()[0]
-    assert len(record["epochs"]) == 2
+    assert len(record["epochs"]) == 1
 
 
 def test_trainer_state_round_trip_continues_identically(store, digits_teacher):
