@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from .common import features_or_logits, run_stages
+
 
 def _block_preact(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """Run a torchvision residual block; return (output, the residual sum before its final ReLU)."""
@@ -26,33 +28,19 @@ def _block_preact(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     return F.relu(preact), preact
 
 
-def _run_stage(stage: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]:
-    *head, last = stage
-    for block in head:
-        x = block(x)
-    return _block_preact(last, x)
-
-
 class ImageNetResNet(ResNet):
     """torchvision ResNet whose forward also returns [stem, layer1..layer4, pooled] features on request."""
 
     def forward(self, x: Tensor, is_feat: bool = False, preact: bool = False):
-        """Logits, or ``(feats, logits)`` if ``is_feat``; the stem feature is taken before the max-pool.
+        """Logits, or ``(feats, logits)`` if ``is_feat``; the stem feature ``f0`` is taken before the max-pool.
 
         With ``preact`` the stage features are the residual sums of each stage's last block before its ReLU.
         """
         f0 = self.relu(self.bn1(self.conv1(x)))
-        x = self.maxpool(f0)
-        feats, pre = [f0], [f0]
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x, p = _run_stage(stage, x)
-            feats.append(x)
-            pre.append(p)
-        pooled = torch.flatten(self.avgpool(x), 1)
-        logits = self.fc(pooled)
-        if not is_feat:
-            return logits
-        return (pre if preact else feats) + [pooled], logits
+        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
+        feats, pres = run_stages(self.maxpool(f0), stages, _block_preact)
+        pooled = torch.flatten(self.avgpool(feats[-1]), 1)
+        return features_or_logits(self.fc(pooled), is_feat, preact, [f0, *feats, pooled], [f0, *pres, pooled])
 
 
 def ResNet18(num_classes: int = 1000) -> ImageNetResNet:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor, nn
 
-from .resnet import global_avg_pool
+from .common import global_avg_pool, init_fan_out
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int) -> nn.Sequential:
@@ -71,16 +69,7 @@ class MobileNetV2(nn.Module):
         self.conv2 = _conv_bn_relu(in_channels, self.last_channel, 1, 1)
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_fan_out(self, linear_std=0.01)
 
     def forward(self, x: Tensor, is_feat: bool = False, preact: bool = False):
         """Logits, or ``(feats, logits)`` with feats = [stem, 16x16, 8x8, 4x4, 2x2 maps (at 32x32), pooled].

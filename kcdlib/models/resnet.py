@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .common import features_or_logits, global_avg_pool, init_resnet, run_stages
+
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
@@ -37,23 +39,6 @@ class BasicBlock(nn.Module):
         return self.forward_preact(x)[0]
 
 
-def global_avg_pool(x: Tensor) -> Tensor:
-    """Average each channel over the whole map: (B, C, H, W) -> (B, C), for any H, W.
-
-    This is adaptive average pooling to 1x1, written as ``avg_pool2d`` with a full-map kernel because at
-    32x32 it is then the very operation of the reference's fixed kernels (bit-identical results).
-    """
-    return F.avg_pool2d(x, kernel_size=x.shape[-2:]).flatten(1)
-
-
-def run_stage(stage: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Run a stage of blocks with ``forward_preact``; return (output, pre-ReLU output of its last block)."""
-    *head, last = stage
-    for block in head:
-        x = block(x)
-    return last.forward_preact(x)
-
-
 class CifarResNet(nn.Module):
     """ResNet for 32x32 inputs: 3x3 stem, three stages of BasicBlocks, global average pool, ``fc``.
 
@@ -74,12 +59,7 @@ class CifarResNet(nn.Module):
         self.layer3 = self._make_stage(widths[3], n, stride=2)
         self.fc = nn.Linear(widths[3], num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_resnet(self)
 
     def _make_stage(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
@@ -99,17 +79,10 @@ class CifarResNet(nn.Module):
         With ``preact`` the stage features are the residual sums of each stage's last block before its ReLU.
         """
         f0 = self.relu(self.bn1(self.conv1(x)))
-        f1, f1_pre = run_stage(self.layer1, f0)
-        f2, f2_pre = run_stage(self.layer2, f1)
-        f3, f3_pre = run_stage(self.layer3, f2)
+        feats, pres = run_stages(f0, (self.layer1, self.layer2, self.layer3))
         # The reference's fixed 8x8 kernel is the whole map at 32x32; pooling the whole map accepts any size.
-        f4 = global_avg_pool(f3)
-        logits = self.fc(f4)
-        if not is_feat:
-            return logits
-        if preact:
-            return [f0, f1_pre, f2_pre, f3_pre, f4], logits
-        return [f0, f1, f2, f3, f4], logits
+        pooled = global_avg_pool(feats[-1])
+        return features_or_logits(self.fc(pooled), is_feat, preact, [f0, *feats, pooled], [f0, *pres, pooled])
 
 
 _THIN = (16, 16, 32, 64)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .resnet import run_stage
+from .common import features_or_logits, init_resnet, run_stages
 
 
 class Bottleneck(nn.Module):
@@ -57,12 +57,7 @@ class ResNetV2(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(512 * Bottleneck.expansion, num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_resnet(self)
 
     def _make_stage(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         layers = []
@@ -76,18 +71,11 @@ class ResNetV2(nn.Module):
 
         With ``preact`` the stage features are the residual sums of each stage's last block before its ReLU.
         """
+        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
         f0 = F.relu(self.bn1(self.conv1(x)))
-        f1, f1_pre = run_stage(self.layer1, f0)
-        f2, f2_pre = run_stage(self.layer2, f1)
-        f3, f3_pre = run_stage(self.layer3, f2)
-        f4, f4_pre = run_stage(self.layer4, f3)
-        f5 = torch.flatten(self.avgpool(f4), 1)
-        logits = self.linear(f5)
-        if not is_feat:
-            return logits
-        if preact:
-            return [f0, f1_pre, f2_pre, f3_pre, f4_pre, f5], logits
-        return [f0, f1, f2, f3, f4, f5], logits
+        feats, pres = run_stages(f0, stages)
+        pooled = torch.flatten(self.avgpool(feats[-1]), 1)
+        return features_or_logits(self.linear(pooled), is_feat, preact, [f0, *feats, pooled], [f0, *pres, pooled])
 
 
 def ResNet50(num_classes: int = 100) -> ResNetV2:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .resnet import global_avg_pool, run_stage
+from .common import features_or_logits, global_avg_pool, run_stages
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
@@ -87,17 +87,10 @@ class ShuffleNetV1(nn.Module):
         With ``preact`` the stage features are taken before the last unit's final ReLU.
         """
         f0 = F.relu(self.bn1(self.conv1(x)))
-        f1, f1_pre = run_stage(self.layer1, f0)
-        f2, f2_pre = run_stage(self.layer2, f1)
-        f3, f3_pre = run_stage(self.layer3, f2)
+        feats, pres = run_stages(f0, (self.layer1, self.layer2, self.layer3))
         # The reference's fixed 4x4 kernel is the whole map at 32x32.
-        f4 = global_avg_pool(f3)
-        logits = self.linear(f4)
-        if not is_feat:
-            return logits
-        if preact:
-            return [f0, f1_pre, f2_pre, f3_pre, f4], logits
-        return [f0, f1, f2, f3, f4], logits
+        pooled = global_avg_pool(feats[-1])
+        return features_or_logits(self.linear(pooled), is_feat, preact, [f0, *feats, pooled], [f0, *pres, pooled])
 
 
 def ShuffleV1(num_classes: int = 100) -> ShuffleNetV1:

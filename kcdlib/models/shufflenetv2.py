@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .resnet import global_avg_pool, run_stage
+from .common import features_or_logits, global_avg_pool, run_stages
 from .shufflenetv1 import channel_shuffle
 
 
@@ -99,18 +99,11 @@ class ShuffleNetV2(nn.Module):
         (so their channel order differs from the regular features).
         """
         f0 = F.relu(self.bn1(self.conv1(x)))
-        f1, f1_pre = run_stage(self.layer1, f0)
-        f2, f2_pre = run_stage(self.layer2, f1)
-        f3, f3_pre = run_stage(self.layer3, f2)
-        out = F.relu(self.bn2(self.conv2(f3)))
+        feats, pres = run_stages(f0, (self.layer1, self.layer2, self.layer3))
+        out = F.relu(self.bn2(self.conv2(feats[-1])))
         # The reference's fixed 4x4 kernel is the whole map at 32x32.
-        f4 = global_avg_pool(out)
-        logits = self.linear(f4)
-        if not is_feat:
-            return logits
-        if preact:
-            return [f0, f1_pre, f2_pre, f3_pre, f4], logits
-        return [f0, f1, f2, f3, f4], logits
+        pooled = global_avg_pool(out)
+        return features_or_logits(self.linear(pooled), is_feat, preact, [f0, *feats, pooled], [f0, *pres, pooled])
 
 
 def ShuffleV2(num_classes: int = 100) -> ShuffleNetV2:

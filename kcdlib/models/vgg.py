@@ -5,11 +5,11 @@ The registered ``vggN`` are RepDistiller's ``vggN_bn`` variants, which its publi
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .common import features_or_logits, init_fan_out
 
 # Output channels of the 3x3 convolutions in each of the five blocks.
 _CONFIGS: dict[str, list[list[int]]] = {
@@ -51,17 +51,7 @@ class VGG(nn.Module):
         self.pool4 = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(config[4][-1], num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_fan_out(self, conv_bias=True, linear_std=0.01)
 
     def forward(self, x: Tensor, is_feat: bool = False, preact: bool = False):
         """Logits, or ``(feats, logits)`` with feats = [block0..block4 outputs, pooled] if ``is_feat``.
@@ -84,12 +74,8 @@ class VGG(nn.Module):
         f4_pre = self.block4(x)
         f4 = F.relu(f4_pre)
         f5 = torch.flatten(self.pool4(f4), 1)
-        logits = self.classifier(f5)
-        if not is_feat:
-            return logits
-        if preact:
-            return [f0, f1_pre, f2_pre, f3_pre, f4_pre, f5], logits
-        return [f0, f1, f2, f3, f4, f5], logits
+        feats, pres = [f0, f1, f2, f3, f4, f5], [f0, f1_pre, f2_pre, f3_pre, f4_pre, f5]
+        return features_or_logits(self.classifier(f5), is_feat, preact, feats, pres)
 
 
 def vgg8(num_classes: int = 100) -> VGG:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor, nn
 
-from .resnet import global_avg_pool
+from .common import global_avg_pool, init_fan_out
 
 
 class WideBlock(nn.Module):
@@ -67,15 +65,7 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.fc = nn.Linear(channels[3], num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_fan_out(self)
 
     def forward(self, x: Tensor, is_feat: bool = False, preact: bool = False):
         """Logits, or ``(feats, logits)`` with feats = [conv1, stage1, stage2, stage3, pooled] if ``is_feat``.
