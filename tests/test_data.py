@@ -1,12 +1,18 @@
+import hashlib
+import io
+import json
 import os
 import pickle
+import struct
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from kcdlib.data import crop_flip, load_cifar100, load_dataset, load_digits
-from kcdlib.errors import DatasetMissing, UnknownName
+import kcdlib.data as data_module
+from kcdlib.data import crop_flip, fingerprint, load_cifar100, load_dataset, load_digits, read_cifar100_split
+from kcdlib.errors import DatasetInvalid, DatasetMissing, KcdError, UnknownName
 
 
 def naive_crop_flip(images, dy, dx, flip, pad):
@@ -71,6 +77,28 @@ def test_normalisation_uses_the_papers_mean_and_std():
     assert torch.allclose(out, expected)
 
 
+class Py2Pickler(pickle._Pickler):
+    """Protocol 2 with bytes written as Python 2 ``str``, as the published CIFAR-100 files were written."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj):
+        n = len(obj)
+        self.write(
+            pickle.SHORT_BINSTRING + bytes([n]) + obj if n < 256 else pickle.BINSTRING + struct.pack("<i", n) + obj
+        )
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2_str
+
+
+def published_pickle(obj):
+    """``obj`` pickled like the files of cifar-100-python.tar.gz (Python 2, numpy 1 module names)."""
+    buf = io.BytesIO()
+    Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+
+
 def write_fake_cifar100(root, n_train=20, n_test=10):
     folder = os.path.join(root, "cifar-100-python")
     os.makedirs(folder)
@@ -78,13 +106,20 @@ def write_fake_cifar100(root, n_train=20, n_test=10):
     for split, n in (("train", n_train), ("test", n_test)):
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         labels = rng.integers(0, 100, n).tolist()
+        entry = {
+            b"data": data,
+            b"fine_labels": labels,
+            b"coarse_labels": labels,
+            b"batch_label": b"fake " + split.encode(),
+        }
         with open(os.path.join(folder, split), "wb") as f:
-            pickle.dump({"data": data, "fine_labels": labels, "coarse_labels": labels}, f)
+            f.write(published_pickle(entry))
     return data, labels
 
 
 def test_cifar100_reads_the_python_format(tmp_path):
     data, labels = write_fake_cifar100(str(tmp_path))
+    assert b"numpy.core.multiarray\n_reconstruct" in (tmp_path / "cifar-100-python" / "train").read_bytes()
     ds = load_cifar100(str(tmp_path))
     assert ds.train_images.shape == (20, 3, 32, 32) and ds.test_images.shape == (10, 3, 32, 32)
     # CHW order: the first 1024 bytes of a row are the red plane.
@@ -92,18 +127,108 @@ def test_cifar100_reads_the_python_format(tmp_path):
     assert ds.test_labels.tolist() == labels
 
 
+def test_cifar100_written_by_python3_with_bytes_keys_loads(tmp_path):
+    path = tmp_path / "train"
+    data = np.arange(2 * 3072).astype(np.uint8).reshape(2, 3072)
+    path.write_bytes(pickle.dumps({b"data": data, b"fine_labels": np.array([7, 99])}, protocol=4))
+    images, labels = read_cifar100_split(str(path))
+    assert torch.equal(images.flatten(), torch.from_numpy(data).flatten()) and labels.tolist() == [7, 99]
+    assert labels.dtype == torch.int64
+
+
+class Payload:
+    """Pickles as a call of ``func(*args)``: what a planted file does to run code on loading."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+@pytest.mark.parametrize("how", ["os.system", "builtins.exec", "nested exec"])
+def test_a_planted_cifar100_file_runs_nothing(tmp_path, how):
+    marker = tmp_path / "ran"
+    payload = {
+        "os.system": Payload(os.system, f"touch {marker}"),
+        "builtins.exec": Payload(exec, f"open({str(marker)!r}, 'w').close()"),
+        "nested exec": {
+            "data": np.zeros((1, 3072), np.uint8),
+            "fine_labels": [Payload(exec, f"open({str(marker)!r}, 'w').close()")],
+        },
+    }[how]
+    planted = pickle.dumps(payload, protocol=4)
+    pickle.loads(planted)  # the payload is live: a plain pickle.load runs it
+    assert marker.exists()
+    marker.unlink()
+    write_fake_cifar100(str(tmp_path))
+    (tmp_path / "cifar-100-python" / "train").write_bytes(planted)
+    with pytest.raises(DatasetInvalid, match=r"asks to load (posix\.system|builtins\.exec).*refused, nothing was run"):
+        load_cifar100(str(tmp_path))
+    with pytest.raises(DatasetInvalid, match="is not a CIFAR-100 file"):
+        fingerprint("cifar100", str(tmp_path))
+    assert not marker.exists()
+
+
 def test_missing_cifar100_says_where_to_put_it(tmp_path):
-    with pytest.raises(DatasetMissing, match="cifar-100-python"):
+    with pytest.raises(DatasetMissing, match="cifar-100-python") as caught:
         load_cifar100(str(tmp_path))
+    message = str(caught.value)
+    assert "cifar-100-python.tar.gz" in message and "https://www.cs.toronto.edu/~kriz/cifar.html" in message
+    assert str(tmp_path) in message and "--download" not in message
+    with pytest.raises(DatasetMissing) as again:
+        fingerprint("cifar100", str(tmp_path))
+    assert str(again.value) == message
 
 
-def test_corrupt_cifar100_is_a_clear_error(tmp_path):
-    folder = tmp_path / "cifar-100-python"
-    folder.mkdir()
-    (folder / "train").write_bytes(b"not a pickle")
-    (folder / "test").write_bytes(b"not a pickle")
-    with pytest.raises(DatasetMissing, match="could not be read"):
+GOOD = np.zeros((4, 3072), np.uint8)
+BAD_CIFAR100 = {
+    "empty file": (b"", "it is empty"),
+    "truncated": (published_pickle({"data": GOOD, "fine_labels": [1, 2, 3, 4]})[:5000], "ends early"),
+    "not a pickle": (b"not a pickle", "it is not a pickle"),
+    "a list": ([GOOD, [1, 2, 3, 4]], "holds a list, expected a dict with 'data' and 'fine_labels'"),
+    "no data": ({"fine_labels": [1, 2, 3, 4]}, "has no 'data' entry"),
+    "no labels": ({"data": GOOD, "labels": [1, 2, 3, 4]}, "has no 'fine_labels' entry"),
+    "data a list": ({"data": [[0] * 3072] * 4, "fine_labels": [1, 2, 3, 4]}, "data is a list"),
+    "wrong width": (
+        {"data": np.zeros((4, 100), np.uint8), "fine_labels": [1, 2, 3, 4]},
+        "data of shape (4, 100) uint8, expected (N, 3072) uint8",
+    ),
+    "image shaped": (
+        {"data": np.zeros((4, 3, 32, 32), np.uint8), "fine_labels": [1, 2, 3, 4]},
+        "data of shape (4, 3, 32, 32) uint8",
+    ),
+    "float data": (
+        {"data": np.zeros((4, 3072), np.float32), "fine_labels": [1, 2, 3, 4]},
+        "data of shape (4, 3072) float32",
+    ),
+    "object data": (
+        {"data": np.zeros((4, 3072), object), "fine_labels": [1, 2, 3, 4]},
+        "data of shape (4, 3072) object",
+    ),
+    "no images": ({"data": np.zeros((0, 3072), np.uint8), "fine_labels": []}, "holds no images"),
+    "labels a dict": ({"data": GOOD, "fine_labels": {0: 1}}, "fine_labels is a dict"),
+    "too few labels": ({"data": GOOD, "fine_labels": [1, 2, 3]}, "has 3 labels for 4 images"),
+    "label 100": ({"data": GOOD, "fine_labels": [1, 2, 3, 100]}, "label 100 outside 0..99"),
+    "negative label": ({"data": GOOD, "fine_labels": [-1, 2, 3, 4]}, "label -1 outside 0..99"),
+    "str label": ({"data": GOOD, "fine_labels": [1, "2", 3, 4]}, "label '2' (image 1) is a str, not an int"),
+    "bool label": ({"data": GOOD, "fine_labels": [True, 2, 3, 4]}, "is a bool, not an int"),
+    "float labels": ({"data": GOOD, "fine_labels": np.ones(4)}, "fine_labels of shape (4,) float64"),
+    "object labels": ({"data": GOOD, "fine_labels": np.ones(4, object)}, "fine_labels of shape (4,) object"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CIFAR100))
+def test_a_bad_cifar100_file_is_one_clear_line(tmp_path, case):
+    content, problem = BAD_CIFAR100[case]
+    write_fake_cifar100(str(tmp_path))
+    train = tmp_path / "cifar-100-python" / "train"
+    train.write_bytes(content if isinstance(content, bytes) else published_pickle(content))
+    with pytest.raises(DatasetInvalid) as caught:
         load_cifar100(str(tmp_path))
+    message = str(caught.value)
+    assert message.startswith(f"{train} is not a CIFAR-100 file: ") and problem in message
+    assert "\n" not in message and isinstance(caught.value, KcdError)
 
 
 def test_unknown_dataset_and_missing_imagenet(tmp_path):
@@ -133,3 +258,182 @@ def test_imagenet_folder_yields_indexed_batches(tmp_path):
     assert torch.equal(torch.cat([b[1] for b in batches]), data.train_labels[torch.cat([b[2] for b in batches])])
     xt, yt = next(iter(data.test_batches(4)))
     assert xt.shape == (4, 3, 224, 224)
+
+
+def age(*paths, seconds=3600):
+    """Backdate files: the fingerprint cache trusts sizes and mtimes only of files that have settled."""
+    then = time.time_ns() - seconds * 1_000_000_000
+    for path in paths:
+        os.utime(path, ns=(then, then))
+
+
+def fake_cifar100_for_fingerprints(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    root = tmp_path / "data"
+    write_fake_cifar100(str(root))
+    folder = root / "cifar-100-python"
+    age(folder / "train", folder / "test")
+    return str(root), folder
+
+
+def test_digits_fingerprint_is_stable():
+    fp = fingerprint("digits")
+    assert fp == fingerprint("digits") and fp["name"] == "digits"
+    assert fp["num_train"] == 1437 and fp["num_test"] == 360
+    assert len(fp["train_sha256"]) == 64 and int(fp["train_sha256"], 16) >= 0
+    fp["num_train"] = 0  # the caller's copy, not the process-wide one
+    assert fingerprint("digits")["num_train"] == 1437
+
+
+def test_fingerprint_of_unknown_or_missing_data(tmp_path):
+    with pytest.raises(UnknownName, match="digits, cifar100, imagenet"):
+        fingerprint("mnist", str(tmp_path))
+    with pytest.raises(DatasetMissing, match="imagenet"):
+        fingerprint("imagenet", str(tmp_path))
+
+
+def test_cifar100_fingerprint_follows_one_training_pixel(tmp_path, monkeypatch):
+    root, folder = fake_cifar100_for_fingerprints(tmp_path, monkeypatch)
+    before = fingerprint("cifar100", root)
+    assert before == {
+        "name": "cifar100",
+        "num_train": 20,
+        "num_test": 10,
+        "train_sha256": hashlib.sha256((folder / "train").read_bytes()).hexdigest(),
+    }
+    entry = pickle.loads((folder / "train").read_bytes(), encoding="latin1")
+    entry["data"] = entry["data"].copy()
+    entry["data"][5, 700] ^= 1
+    (folder / "train").write_bytes(published_pickle(entry))
+    after = fingerprint("cifar100", root)
+    assert after["train_sha256"] != before["train_sha256"]
+    assert after == {**before, "train_sha256": hashlib.sha256((folder / "train").read_bytes()).hexdigest()}
+
+
+def test_cifar100_fingerprint_is_cached_beside_the_data_for_its_key(tmp_path, monkeypatch):
+    root, folder = fake_cifar100_for_fingerprints(tmp_path, monkeypatch)
+    umask = os.umask(0)
+    os.umask(umask)
+    fp = fingerprint("cifar100", root)
+    cache = folder / ".kcd-fingerprint.json"
+    assert json.loads(cache.read_text())["fingerprint"] == fp
+    assert cache.stat().st_mode & 0o777 == 0o644 & ~umask
+    assert [p.name for p in folder.iterdir() if p.name.endswith(".tmp")] == []
+
+    def no_hashing(*args):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(data_module, "_sha256_file", no_hashing)
+    monkeypatch.setattr(data_module, "_load_cifar100_split", no_hashing)
+    assert fingerprint("cifar100", root) == fp
+    age(folder / "test", seconds=7200)  # another mtime: another key, the cache no longer answers
+    with pytest.raises(AssertionError, match="recomputed"):
+        fingerprint("cifar100", root)
+
+
+def test_cifar100_fingerprint_of_files_just_written_is_not_cached(tmp_path, monkeypatch):
+    root, folder = fake_cifar100_for_fingerprints(tmp_path, monkeypatch)
+    (folder / "train").write_bytes((folder / "train").read_bytes())
+    assert fingerprint("cifar100", root)["num_train"] == 20
+    assert not (folder / ".kcd-fingerprint.json").exists()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["not json {", "[]", "no key", "missing field", "other name", "str count", "short sha"],
+)
+def test_a_damaged_fingerprint_cache_is_ignored_and_rewritten(tmp_path, monkeypatch, damage):
+    root, folder = fake_cifar100_for_fingerprints(tmp_path, monkeypatch)
+    fp = fingerprint("cifar100", root)
+    cache = folder / ".kcd-fingerprint.json"
+    record = json.loads(cache.read_text())
+    forged = {k: v for k, v in record["fingerprint"].items() if k != "num_test"}
+    content = {
+        "not json {": "not json {",
+        "[]": "[]",
+        "no key": json.dumps({"fingerprint": fp}),
+        "missing field": json.dumps({"key": record["key"], "fingerprint": forged}),
+        "other name": json.dumps({"key": record["key"], "fingerprint": {**fp, "name": "imagenet"}}),
+        "str count": json.dumps({"key": record["key"], "fingerprint": {**fp, "num_train": "20"}}),
+        "short sha": json.dumps({"key": record["key"], "fingerprint": {**fp, "train_sha256": "abc"}}),
+    }[damage]
+    cache.write_text(content)
+    assert fingerprint("cifar100", root) == fp
+    assert json.loads(cache.read_text()) == record
+
+
+def test_a_read_only_data_folder_caches_the_fingerprint_in_the_user_cache(tmp_path, monkeypatch):
+    root, folder = fake_cifar100_for_fingerprints(tmp_path, monkeypatch)
+    write = data_module._write_json_atomic
+
+    def read_only_data(path, obj):  # root may write anywhere, so a read-only folder is played by a refusal
+        if path.startswith(str(tmp_path / "data")):
+            raise PermissionError(13, "Permission denied", path)
+        write(path, obj)
+
+    monkeypatch.setattr(data_module, "_write_json_atomic", read_only_data)
+    fp = fingerprint("cifar100", root)
+    assert not (folder / ".kcd-fingerprint.json").exists()
+    name = hashlib.sha256(os.fsencode(os.path.abspath(folder))).hexdigest()
+    fallback = tmp_path / "xdg" / "kcdlib" / "fingerprints" / f"{name}.json"
+    assert json.loads(fallback.read_text())["fingerprint"] == fp
+    monkeypatch.setattr(data_module, "_sha256_file", lambda path: pytest.fail("recomputed"))
+    assert fingerprint("cifar100", root) == fp
+
+
+def test_a_fingerprint_that_cannot_be_cached_anywhere_is_computed_each_time(tmp_path, monkeypatch):
+    root, folder = fake_cifar100_for_fingerprints(tmp_path, monkeypatch)
+
+    def refuse(path, obj):
+        raise PermissionError(13, "Permission denied", path)
+
+    hashed = []
+    sha256_file = data_module._sha256_file
+    monkeypatch.setattr(data_module, "_write_json_atomic", refuse)
+    monkeypatch.setattr(data_module, "_sha256_file", lambda path: hashed.append(path) or sha256_file(path))
+    fp = fingerprint("cifar100", root)
+    assert fingerprint("cifar100", root) == fp and len(hashed) == 2
+    assert fp["train_sha256"] == hashlib.sha256((folder / "train").read_bytes()).hexdigest()
+    assert not (folder / ".kcd-fingerprint.json").exists() and list((tmp_path / "xdg").rglob("*.json")) == []
+
+
+def write_image_folder(base, rng, classes=("n01", "n02"), per_class=3):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in classes:
+            (base / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(base / split / cls / f"{i}.JPEG", quality=90)
+
+
+def test_imagenet_in_the_readme_layout(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    write_image_folder(tmp_path / "imagenet", np.random.default_rng(0))
+    data = load_dataset("imagenet", str(tmp_path))
+    data.workers = 0
+    assert data.num_train == 6 and data.num_classes == 2
+    x, y, idx = next(iter(data.train_batches(None, 4, 0, 1)))
+    assert x.shape == (4, 3, 224, 224) and x.dtype == torch.float32
+    assert y.dtype == torch.int64 and idx.dtype == torch.int64
+    assert torch.equal(y, data.train_labels[idx]) and len(set(idx.tolist())) == 4
+
+    fp = fingerprint("imagenet", str(tmp_path))
+    assert fp["name"] == "imagenet" and fp["num_train"] == 6 and fp["num_test"] == 6
+    assert "fingerprinting imagenet train" in capsys.readouterr().err
+    assert fingerprint("imagenet", str(tmp_path)) == fp
+    # One image changed: another fingerprint; the validation images are not part of it.
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "imagenet" / "train" / "n02" / "1.JPEG")
+    changed = fingerprint("imagenet", str(tmp_path))
+    assert changed["train_sha256"] != fp["train_sha256"]
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "imagenet" / "val" / "n02" / "1.JPEG")
+    assert fingerprint("imagenet", str(tmp_path)) == changed
+    # Settled files: cached beside the splits, and read from there.
+    age(*(p for p in (tmp_path / "imagenet").rglob("*.JPEG")))
+    assert fingerprint("imagenet", str(tmp_path)) == changed
+    assert json.loads((tmp_path / "imagenet" / ".kcd-fingerprint.json").read_text())["fingerprint"] == changed
+    monkeypatch.setattr(data_module, "_sha256_file", lambda path: pytest.fail("recomputed"))
+    assert fingerprint("imagenet", str(tmp_path)) == changed
