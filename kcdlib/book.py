@@ -64,6 +64,7 @@ def build_book(
     devices: list[str] | None = None,
     jobs_per_device: int = 1,
     compile: str = "off",
+    stale: str = "stop",
 ) -> Path:
     """Execute the notebooks of ``profile`` into ``out/book/artefacts/`` and build ``out/_build/html``.
 
@@ -93,6 +94,7 @@ def build_book(
         "devices": devices,
         "jobs_per_device": jobs_per_device,
         "compile_mode": compile,
+        "stale": stale,
     }
     start = time.perf_counter()
 

@@ -12,34 +12,20 @@ import sys
 import textwrap
 import warnings
 
-import torch
-
 from . import models
-from .data import DATASETS
 from .distillers import DISTILLERS
-from .errors import BadOption, KcdError, UnknownName
+from .errors import BadOption, KcdError
 from .methods import METHODS
-from .runs import RunConfig, RunStore, distill_config, teacher_config
+from .options import device as resolve_device
+from .runs import MAX_SEED, RunConfig, RunStore, distill_config, teacher_config
 from .train import COMPILE_MODES, PRECISIONS
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BadOption(f"device '{name}' was asked for, but this machine has no CUDA device; use --device cpu")
-    try:
-        torch.device(name)
-    except RuntimeError as err:
-        raise BadOption(f"unknown device '{name}': use cpu, cuda, cuda:N or auto") from err
-    return name
-
-
-def at_least(low: int):
-    """An argparse type: an integer no smaller than ``low``."""
+def at_least(low: int, high: int | None = None):
+    """An argparse type: an integer no smaller than ``low`` (and no larger than ``high``)."""
 
     def parse(text: str) -> int:
         try:
@@ -48,14 +34,25 @@ def at_least(low: int):
             raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
         return value
 
     return parse
 
 
-def check_name(kind: str, name: str, known) -> None:
-    if name not in known:
-        raise UnknownName(f"unknown {kind} '{name}'; known {kind}s: {', '.join(sorted(known))}")
+def add_stale(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--rerun",
+        action="store_const",
+        dest="stale",
+        const="rerun",
+        default="stop",
+        help="train anew a run whose record in the store was made on other data or by other numerics",
+    )
+    g.add_argument("--keep-stale", action="store_const", dest="stale", const="keep",
+                   help="reuse such a record as it is")  # fmt: skip
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -64,7 +61,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--epochs", type=at_least(1), help="training epochs (default: the dataset's protocol; lr milestones scale)"
     )
-    p.add_argument("--seed", type=at_least(0), default=0, help="seed of initialisation, data order and augmentation")
+    p.add_argument(
+        "--seed", type=at_least(0, MAX_SEED), default=0, help="seed of initialisation, data order and augmentation"
+    )
     p.add_argument("--runs-dir", default="runs", help="the run store (default: ./runs)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument(
@@ -76,6 +75,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
         "graphs per network), graph (the whole step as one CUDA graph), default+graph",
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_stale(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--unix-k", type=at_least(1), help="samples distilled per batch k (default 48)")
     u.add_argument("--unix-b", type=at_least(1), help="mixup mask centre b (default 32)")
     u.add_argument("--unix-w", type=float, help="mixup mask steepness w (default 10)")
+    w = d.add_argument_group("loss (the distiller's options; defaults: the paper's for each distiller)")
+    w.add_argument("--gamma", type=float, help="weight γ of the cross-entropy with the labels (KD 0.1, PKT/CRD 1)")
+    w.add_argument("--kd-alpha", type=float, help="weight α of the KD term (KD 0.9)")
+    w.add_argument("--beta", type=float, help="weight β of the feature term (PKT 30000, CRD 0.8)")
+    w.add_argument("--temperature", type=float, help="KD temperature T (4)")
     add_common(d)
 
     sub.add_parser("models", help="list the architectures")
@@ -141,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--jobs-per-device", type=at_least(1), default=1, help="runs trained at once on each device (default 1)"
     )
     b.add_argument("--compile", default="off", choices=COMPILE_MODES, help="how steps run (see kcd distill --help)")
+    add_stale(b)
     return parser
 
 
@@ -157,6 +163,12 @@ METHOD_FLAGS = {
             "augment": "augment", "eps_m": "eps_m", "value": "value"},
     "unix": {"unix_k": "k", "unix_b": "b", "unix_w": "w"},
 }  # fmt: skip
+DISTILLER_FLAGS = {"gamma": "gamma", "kd_alpha": "alpha", "beta": "beta", "temperature": "temperature"}
+
+
+def distiller_options(args) -> dict:
+    """The distiller's options given on the command line (the distiller refuses those it does not have)."""
+    return {option: getattr(args, flag) for flag, option in DISTILLER_FLAGS.items() if getattr(args, flag) is not None}
 
 
 def method_options(args) -> dict:
@@ -174,29 +186,24 @@ def method_options(args) -> dict:
 
 
 def config_from_args(args) -> RunConfig:
-    check_name("dataset", args.dataset, DATASETS)
+    """The run the command line asks for, every option checked (by the run config itself) before any training."""
     if args.command == "teacher":
-        check_name("architecture", args.arch, models.ARCHS)
         return teacher_config(args.dataset, args.arch, args.seed, args.epochs, args.precision)
-    check_name("architecture", args.student, models.ARCHS)
-    check_name("distiller", args.distiller, DISTILLERS)
-    check_name("method", args.method, METHODS)
     if args.distiller == "ce":
         raise BadOption("'ce' trains without a teacher: use `kcd teacher`")
-    if args.teacher:
-        check_name("architecture", args.teacher, models.ARCHS)
-        teacher = teacher_config(args.dataset, args.teacher, 0, args.teacher_epochs, args.precision)
-        return distill_config(
-            args.dataset, args.student, teacher=teacher, distiller=args.distiller, method=args.method,
-            method_options=method_options(args), epochs=args.epochs, seed=args.seed, precision=args.precision,
-        )  # fmt: skip
-    arch = args.teacher_arch or guess_arch(args.teacher_ckpt)
-    check_name("architecture", arch, models.ARCHS)
-    return distill_config(
-        args.dataset, args.student, teacher_checkpoint=args.teacher_ckpt, teacher_arch=arch,
-        distiller=args.distiller, method=args.method, method_options=method_options(args), epochs=args.epochs,
-        seed=args.seed, precision=args.precision,
+    common = dict(
+        distiller=args.distiller, distiller_options=distiller_options(args), method=args.method,
+        method_options=method_options(args), epochs=args.epochs, seed=args.seed, precision=args.precision,
     )  # fmt: skip
+    if args.teacher:
+        if args.teacher_arch:
+            raise BadOption("--teacher-arch is for --teacher-ckpt; --teacher already names the architecture")
+        teacher = teacher_config(args.dataset, args.teacher, 0, args.teacher_epochs, args.precision)
+        return distill_config(args.dataset, args.student, teacher=teacher, **common)
+    if args.teacher_epochs:
+        raise BadOption("--teacher-epochs is for a teacher trained here (--teacher), not a checkpoint (--teacher-ckpt)")
+    arch = args.teacher_arch or guess_arch(args.teacher_ckpt)
+    return distill_config(args.dataset, args.student, teacher_checkpoint=args.teacher_ckpt, teacher_arch=arch, **common)
 
 
 def summary_line(cfg: RunConfig, rec: dict) -> str:
@@ -233,13 +240,13 @@ def run(args: argparse.Namespace) -> int:
             devices = [resolve_device(d) for d in args.devices.split(",")] if args.devices else None
             out = build_book(
                 args.profile, args.data_root, device, args.runs_dir, html=not args.skip_html, jobs=args.jobs,
-                devices=devices, jobs_per_device=args.jobs_per_device, compile=args.compile,
+                devices=devices, jobs_per_device=args.jobs_per_device, compile=args.compile, stale=args.stale,
             )  # fmt: skip
             print(out)
             return 0
         cfg = config_from_args(args)
-        store = RunStore(args.runs_dir, args.data_root, resolve_device(args.device), args.compile)
-        rec = store.ensure(cfg, progress=not args.no_progress)
+        store = RunStore(args.runs_dir, args.data_root, resolve_device(args.device), args.compile, args.stale)
+        rec = store.ensure(cfg, progress=not args.no_progress, log=lambda line: print(f"kcd: {line}", file=sys.stderr))
         print(summary_line(cfg, rec))
         print(store.path(cfg) / "record.json")
         return 0

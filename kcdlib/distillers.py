@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UnknownName
+from .options import Option, between, canonical, non_negative, positive
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class DistillContext:
     student_dim: int  # size of the student's pooled feature (feats[-1])
     teacher_dim: int  # same for the teacher; 0 when there is no teacher
     labels: torch.Tensor | None = None  # each point's class (CRD draws its negatives from the other classes)
+    options: dict | None = None  # the run's distiller options (missing ones take the defaults)
 
 
 DISTILLERS: dict[str, Callable[[DistillContext], Distiller]] = {}
@@ -43,9 +45,19 @@ def register(name: str):
     return add
 
 
-def build(name: str, context: DistillContext) -> Distiller:
+def check_name(name: str) -> None:
     if name not in DISTILLERS:
         raise UnknownName(f"unknown distiller '{name}'; known distillers: {', '.join(sorted(DISTILLERS))}")
+
+
+def canonical_options(name: str, options: dict | None) -> dict:
+    """Every option of distiller ``name``, defaults filled in, checked (the form the run identity hashes)."""
+    check_name(name)
+    return canonical(f"distiller '{name}'", DISTILLERS[name].option_specs, options)
+
+
+def build(name: str, context: DistillContext) -> Distiller:
+    check_name(name)
     return DISTILLERS[name](context)
 
 
@@ -56,10 +68,12 @@ class Distiller(nn.Module):
     name = "base"
     needs_teacher = True
     needs_features = False
+    option_specs: dict[str, Option] = {}
 
     def __init__(self, context: DistillContext):
         super().__init__()
         self.context = context
+        self.options = canonical(f"distiller '{self.name}'", self.option_specs, context.options)
 
     def forward(self, s_feats, s_logits, t_feats, t_logits, labels, indices) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -86,12 +100,17 @@ class CrossEntropy(Distiller):
 class KD(Distiller):
     """Vanilla KD: ``γ = 0.1, α = 0.9, T = 4``."""
 
-    gamma, alpha, temperature = 0.1, 0.9, 4.0
+    option_specs = {
+        "gamma": Option(0.1, **non_negative()),
+        "alpha": Option(0.9, **non_negative()),
+        "temperature": Option(4.0, **positive()),
+    }
 
     def forward(self, s_feats, s_logits, t_feats, t_logits, labels, indices):
+        o = self.options
         return {
-            "ce": self.gamma * F.cross_entropy(s_logits, labels),
-            "kd": self.alpha * kd_loss(s_logits, t_logits, self.temperature),
+            "ce": o["gamma"] * F.cross_entropy(s_logits, labels),
+            "kd": o["alpha"] * kd_loss(s_logits, t_logits, o["temperature"]),
         }
 
 
@@ -99,7 +118,7 @@ class KD(Distiller):
 class UnixKD(KD):
     """UNIX's loss: KD alone (``γ = 0, α = 1, T = 4``), as in its official code."""
 
-    gamma, alpha = 0.0, 1.0
+    option_specs = {**KD.option_specs, "gamma": Option(0.0, **non_negative()), "alpha": Option(1.0, **non_negative())}
 
 
 def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -127,12 +146,12 @@ class PKT(Distiller):
     """PKT on the pooled penultimate features ``feats[-1]``: ``γ = 1, α = 0, β = 30000``."""
 
     needs_features = True
-    gamma, beta = 1.0, 30000.0
+    option_specs = {"gamma": Option(1.0, **non_negative()), "beta": Option(30000.0, **non_negative())}
 
     def forward(self, s_feats, s_logits, t_feats, t_logits, labels, indices):
         return {
-            "ce": self.gamma * F.cross_entropy(s_logits, labels),
-            "pkt": self.beta * pkt_loss(s_feats[-1], t_feats[-1].detach()),
+            "ce": self.options["gamma"] * F.cross_entropy(s_logits, labels),
+            "pkt": self.options["beta"] * pkt_loss(s_feats[-1], t_feats[-1].detach()),
         }
 
 
@@ -181,8 +200,14 @@ class CRD(Distiller):
     """
 
     needs_features = True
-    gamma, beta = 1.0, 0.8
-    feat_dim, nce_k, nce_t, nce_m = 128, 16384, 0.07, 0.5
+    option_specs = {
+        "gamma": Option(1.0, **non_negative()),
+        "beta": Option(0.8, **non_negative()),
+        "feat_dim": Option(128, int, **positive()),
+        "nce_k": Option(16384, int, **positive()),
+        "nce_t": Option(0.07, **positive()),
+        "nce_m": Option(0.5, **between(0, 1, high_open=True)),
+    }
 
     def __init__(self, context: DistillContext):
         super().__init__(context)
@@ -191,7 +216,7 @@ class CRD(Distiller):
         n = context.num_points
         if context.labels is None or context.labels.shape != (n,):
             raise ValueError(f"distiller 'crd' draws negatives from the other classes: it needs the {n} points' labels")
-        self.num_negatives = min(self.nce_k, n)
+        self.num_negatives = min(self.options["nce_k"], n)
         labels = context.labels.detach().to("cpu", torch.int64)
         counts = torch.bincount(labels, minlength=context.num_classes)
         # The points sorted by class: the other classes of class c are the positions outside
@@ -203,11 +228,11 @@ class CRD(Distiller):
         # Per class, as RepDistiller: with replacement only when the other classes hold fewer than K points.
         replace = self.num_negatives > n - counts[counts > 0]
         self.replacement = "always" if bool(replace.all()) else "never" if not bool(replace.any()) else "by class"
-        self.embed_s = Embed(context.student_dim, self.feat_dim)
-        self.embed_t = Embed(context.teacher_dim, self.feat_dim)
-        stdv = (self.feat_dim / 3) ** -0.5
-        self.register_buffer("memory_s", torch.rand(n, self.feat_dim).mul_(2 * stdv).add_(-stdv))
-        self.register_buffer("memory_t", torch.rand(n, self.feat_dim).mul_(2 * stdv).add_(-stdv))
+        self.embed_s = Embed(context.student_dim, self.options["feat_dim"])
+        self.embed_t = Embed(context.teacher_dim, self.options["feat_dim"])
+        stdv = (self.options["feat_dim"] / 3) ** -0.5
+        self.register_buffer("memory_s", torch.rand(n, self.options["feat_dim"]).mul_(2 * stdv).add_(-stdv))
+        self.register_buffer("memory_t", torch.rand(n, self.options["feat_dim"]).mul_(2 * stdv).add_(-stdv))
         # Z for the student anchor (scored against memory_t) and the teacher anchor (against memory_s).
         self.register_buffer("z", torch.full((2,), -1.0))
 
@@ -232,11 +257,11 @@ class CRD(Distiller):
 
     def _scores(self, anchor: torch.Tensor, memory: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         rows = memory[sample]  # [B, K + 1, d], a copy: the memory itself never needs a gradient
-        return torch.exp(torch.bmm(rows, anchor.unsqueeze(2)).squeeze(2) / self.nce_t)
+        return torch.exp(torch.bmm(rows, anchor.unsqueeze(2)).squeeze(2) / self.options["nce_t"])
 
     @torch.no_grad()
     def _update(self, memory: torch.Tensor, indices: torch.Tensor, v: torch.Tensor) -> None:
-        rows = memory[indices] * self.nce_m + v * (1.0 - self.nce_m)
+        rows = memory[indices] * self.options["nce_m"] + v * (1.0 - self.options["nce_m"])
         memory.index_copy_(0, indices, F.normalize(rows, dim=1))
 
     def forward(self, s_feats, s_logits, t_feats, t_logits, labels, indices):
@@ -253,4 +278,4 @@ class CRD(Distiller):
         loss = contrast_nce_loss(out_s / z[0], n) + contrast_nce_loss(out_t / z[1], n)
         self._update(self.memory_s, indices, v_s.detach())
         self._update(self.memory_t, indices, v_t.detach())
-        return {"ce": self.gamma * F.cross_entropy(s_logits, labels), "crd": self.beta * loss}
+        return {"ce": self.options["gamma"] * F.cross_entropy(s_logits, labels), "crd": self.options["beta"] * loss}

@@ -15,7 +15,6 @@ mixup). ``state_dict``/``load_state_dict`` make a method resumable. Methods are 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 
 from . import condense
 from .errors import BadOption, UnknownName
+from .options import Option, between, canonical, non_negative, positive
 
 
 @dataclass
@@ -48,18 +48,20 @@ class Method:
     name = "kd"
     # Whether the method writes into the run's own copy of the training images (KCD's knowledge augmentation).
     modifies_images = False
-    # Options this method accepts, with their defaults (anything else is refused).
-    defaults: dict[str, Any] = {}
+    # Options this method accepts, with their paper defaults and rules (anything else is refused).
+    option_specs: dict[str, Option] = {}
     # The distiller the method's loss needs in place of plain KD (UNIX trains on KD alone), or None.
     loss: str | None = None
 
+    @classmethod
+    def canonical_options(cls, options: dict[str, Any] | None, epochs: int, batch_size: int) -> dict[str, Any]:
+        """Every option, defaults filled in and checked, including the rules that tie an option to the run's
+        schedule (``epochs``, ``batch_size``): the form the run identity hashes, known before any training."""
+        return canonical(f"method '{cls.name}'", cls.option_specs, options)
+
     def __init__(self, context: MethodContext):
-        unknown = set(context.options) - set(self.defaults)
-        if unknown:
-            known = ", ".join(sorted(self.defaults)) or "none"
-            raise BadOption(f"method '{self.name}' has no option {', '.join(sorted(unknown))}; its options: {known}")
         self.context = context
-        self.options = {**self.defaults, **context.options}
+        self.options = self.canonical_options(context.options, context.epochs, context.batch_size)
         # Student forwards made outside the training step (UNIX's selection pass), for Eq. 17's N_s1.
         self.extra_student_forwards = 0
         # Bumped whenever the method changes the run's images, so a checkpoint stores them only then.
@@ -102,29 +104,33 @@ class KCD(Method):
 
     name = "kcd"
     modifies_images = True
-    defaults = {
-        "rho": 0.7,
-        "alpha": 0.03,
-        "stage_epochs": None,
-        "schedule": "paper",
-        "augment": "K1L",
-        "eps_m": 0.7,
-        "value": "entropy",
+    option_specs = {
+        "rho": Option(0.7, **between(0, 1, low_open=True)),
+        "alpha": Option(0.03, **non_negative()),
+        "stage_epochs": Option(None, int, **positive()),  # None: I/6, the paper's 40 of 240
+        "schedule": Option("paper", str, choices=condense.SCHEDULE_KINDS),
+        "augment": Option("K1L", str, choices=condense.AUGMENTS),
+        "eps_m": Option(0.7, **between(0, 1)),
+        "value": Option("entropy", str, choices=("entropy", "random")),
     }
 
-    def __init__(self, context: MethodContext):
-        super().__init__(context)
-        o = self.options
-        n, epochs = context.num_points, context.epochs
+    @classmethod
+    def canonical_options(cls, options, epochs, batch_size):
+        o = super().canonical_options(options, epochs, batch_size)
         if o["stage_epochs"] is None:
             if epochs % 6:
                 raise BadOption(f"KCD's default keeps six stages: {epochs} epochs are not a multiple of 6; "
                                 "give stage_epochs")  # fmt: skip
             o["stage_epochs"] = epochs // 6
-        if o["value"] not in ("entropy", "random"):
-            raise BadOption(f"unknown value estimate {o['value']!r}: entropy or random")
-        if o["augment"] not in condense.AUGMENTS:
-            raise BadOption(f"unknown augmentation {o['augment']!r}; choose one of {', '.join(condense.AUGMENTS)}")
+        if epochs % o["stage_epochs"]:
+            raise BadOption(f"epochs (I={epochs}) must be a multiple of the stage length (T={o['stage_epochs']}) "
+                            "so that every stage has T epochs")  # fmt: skip
+        return o
+
+    def __init__(self, context: MethodContext):
+        super().__init__(context)
+        o = self.options
+        n, epochs = context.num_points, context.epochs
         if o["augment"] != "none" and not context.images_in_memory:
             raise BadOption(
                 "KCD's knowledge augmentation rewrites the stored training images, and this dataset is decoded "
@@ -221,8 +227,18 @@ class UNIX(Method):
     """
 
     name = "unix"
-    defaults = {"k": 48, "b": 32, "w": 10.0}
+    option_specs = {"k": Option(48, int, **positive()), "b": Option(32, int, **positive()),
+                    "w": Option(10.0, **non_negative())}  # fmt: skip
     loss = "unix_kd"
+
+    @classmethod
+    def canonical_options(cls, options, epochs, batch_size):
+        o = super().canonical_options(options, epochs, batch_size)
+        for name in ("k", "b"):
+            if o[name] > batch_size:
+                raise BadOption(f"method 'unix' option {name} must be at most the batch size {batch_size}, "
+                                f"got {o[name]}")  # fmt: skip
+        return o
 
     def select(self, batch, student):
         x, y, idx = batch
@@ -250,10 +266,20 @@ class UNIX(Method):
         return {"computation_formula": unix_computation(o["k"], self.context.batch_size, self.context.fs_over_ft)}
 
 
-METHODS: dict[str, Callable[[MethodContext], Method]] = {"kd": Method, "kcd": KCD, "unix": UNIX}
+METHODS: dict[str, type[Method]] = {"kd": Method, "kcd": KCD, "unix": UNIX}
+
+
+def check_name(name: str) -> None:
+    if name not in METHODS:
+        raise UnknownName(f"unknown method '{name}'; known methods: {', '.join(sorted(METHODS))}")
+
+
+def canonical_options(name: str, options: dict[str, Any] | None, epochs: int, batch_size: int) -> dict[str, Any]:
+    """Every option of method ``name`` for a run of ``epochs`` in batches of ``batch_size``, defaults filled in."""
+    check_name(name)
+    return METHODS[name].canonical_options(options, epochs, batch_size)
 
 
 def build(name: str, context: MethodContext) -> Method:
-    if name not in METHODS:
-        raise UnknownName(f"unknown method '{name}'; known methods: {', '.join(sorted(METHODS))}")
+    check_name(name)
     return METHODS[name](context)

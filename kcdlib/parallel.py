@@ -20,10 +20,10 @@ from .runs import RunConfig, RunStore
 _store: RunStore | None = None
 
 
-def _init_worker(slots, runs_dir: str, data_root: str, threads: int, compile: str) -> None:
+def _init_worker(slots, runs_dir: str, data_root: str, threads: int, compile: str, stale: str) -> None:
     global _store
     torch.set_num_threads(threads)
-    _store = RunStore(runs_dir, data_root, slots.get(), compile)
+    _store = RunStore(runs_dir, data_root, slots.get(), compile, stale)
 
 
 def _ensure_one(cfg: RunConfig) -> dict[str, Any]:
@@ -38,6 +38,7 @@ def ensure_all(
     jobs_per_device: int = 1,
     progress: bool = True,
     compile: str = "off",
+    stale: str = "stop",
 ) -> list[dict[str, Any]]:
     """The records of ``configs`` (in order), training the missing ones ``jobs_per_device`` at a time on each
     of ``devices`` (default: ``['cpu']``)."""
@@ -47,7 +48,7 @@ def ensure_all(
     workers = len(devices) * jobs_per_device
     unique = list(dict.fromkeys(configs))
     if workers == 1:
-        store = RunStore(runs_dir, data_root, devices[0], compile)
+        store = RunStore(runs_dir, data_root, devices[0], compile, stale)
         done = {cfg: store.ensure(cfg, progress=False) for cfg in _with_bar(unique, progress)}
         return [done[cfg] for cfg in configs]
     teachers = list(dict.fromkeys(cfg.teacher for cfg in unique if cfg.teacher is not None))
@@ -58,7 +59,8 @@ def ensure_all(
             slots.put(device)
     threads = max(1, (os.cpu_count() or 1) // workers)
     done: dict[RunConfig, dict[str, Any]] = {}
-    with ProcessPoolExecutor(workers, ctx, _init_worker, (slots, str(runs_dir), data_root, threads, compile)) as pool:
+    init = (slots, str(runs_dir), data_root, threads, compile, stale)
+    with ProcessPoolExecutor(workers, ctx, _init_worker, init) as pool:
         for batch in (teachers, unique):
             todo = [cfg for cfg in batch if cfg not in done]
             for cfg, rec in zip(todo, _with_bar(pool.map(_ensure_one, todo), progress, len(todo))):

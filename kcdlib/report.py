@@ -15,22 +15,25 @@ import statistics
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
-from . import condense, cost, models, reference
+from . import condense, cost, models, options, reference
+from .errors import BadOption
 from .methods import METHODS
 from .profiles import Profile, get_profile, split_pair
-from .runs import RunConfig, RunStore, distill_config, teacher_config
+from .runs import MAX_SEED, RunConfig, RunStore, distill_config, teacher_config
+from .train import COMPILE_MODES
 
 # (number of classes, image side) of each dataset, for counting multiply-adds without loading the data.
 DATASET_SHAPES = {"digits": (10, 16), "cifar100": (100, 32), "imagenet": (1000, 224)}
 # Table 3's absolute computation as the paper quotes it (ImageNet: 1.26M points x 90 epochs for KD).
 PAPER_IMAGENET_CA = {"KD": 114e6, "KC-KD": 81e6}
 # The paper's final keep-ratio ρ: the KCD method's default, defined there.
-KCD_RHO = METHODS["kcd"].defaults["rho"]
+KCD_RHO = METHODS["kcd"].option_specs["rho"].default
 
 
 # -- run configs ---------------------------------------------------------------------------------------------
@@ -59,10 +62,6 @@ def distill_pair(
     """A distillation run of ``student`` from ``teacher`` (architectures actually run). KCD runs always carry
     the profile's stage length ``T``; other options (``rho``, ``alpha``, ``augment``, UNIX's ``k``) as given."""
     dataset = dataset or profile.dataset
-    # An option at the method's default is left out, so that e.g. Table 6's ρ = 0.7 is the same run as
-    # Table 1's KC-KD (one run, one hash).
-    defaults = getattr(METHODS.get(method), "defaults", {})
-    options = {k: v for k, v in options.items() if k not in defaults or defaults[k] != v}
     if method == "kcd":
         options.setdefault("stage_epochs", profile.stage_epochs)
     source: dict[str, Any]
@@ -112,24 +111,59 @@ def setup(
     devices: Sequence[str] | None = None,
     jobs_per_device: int = 1,
     compile: str = "off",
+    stale: str = "stop",
     **knobs: Any,
 ) -> tuple[Profile, RunStore]:
     """A notebook's first call: the profile with the notebook's parameters applied (``None`` keeps the
     profile's value) and the run store. ``devices`` and ``jobs_per_device`` let :func:`ensure` train missing
-    runs several at a time."""
-    changes = {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()}
-    p = get_profile(profile).with_options(seeds=tuple(seeds) if seeds else None, **changes)
-    store = RunStore(runs_dir, data_root, device or p.device, compile)
-    store.devices = list(devices) if devices else [str(store.device)]
+    runs several at a time. Every parameter is checked here, with the command line's rules, before any run."""
+    p = get_profile(profile)
+    for name, value in (("runs_dir", runs_dir), ("data_root", data_root)):
+        if not isinstance(value, str | Path):
+            raise BadOption(f"parameter {name} must be a folder path, got {value!r}")
+    seeds = _list_of("seeds", seeds, lambda s: isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED,
+                     f"whole numbers in [0, {MAX_SEED}]")  # fmt: skip
+    devices = _list_of("devices", devices, lambda d: isinstance(d, str), "device names")
+    devices = [options.device(d) for d in devices] if devices else None
+    if isinstance(jobs_per_device, bool) or not isinstance(jobs_per_device, int) or jobs_per_device < 1:
+        raise BadOption(f"parameter jobs_per_device must be a whole number >= 1, got {jobs_per_device!r}")
+    if compile not in COMPILE_MODES:
+        raise BadOption(f"parameter compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+    changes = {}
+    for name, value in knobs.items():
+        if value is None:
+            continue
+        current = getattr(p, name)
+        if isinstance(current, tuple):
+            value = tuple(_list_of(name, value, lambda v, c=current: isinstance(v, type(c[0])) if c else True,
+                                   f"values like {current[:2]}"))  # fmt: skip
+        elif not isinstance(value, type(current)):
+            raise BadOption(f"parameter {name} must be like {current!r}, got {value!r}")
+        changes[name] = value
+    p = p.with_options(seeds=tuple(seeds) if seeds else None, **changes)
+    store = RunStore(runs_dir, data_root, options.device(device or p.device), compile, stale)
+    store.devices = devices or [str(store.device)]
     store.jobs_per_device = jobs_per_device
     return p, store
+
+
+def _list_of(name: str, value: Any, ok, what: str) -> list | None:
+    """A notebook parameter that must be a list (``-y 'seeds: [0, 1]'``), each element checked."""
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple):
+        raise BadOption(f"parameter {name} must be a list of {what} (papermill: -y '{name}: [...]'), got {value!r}")
+    bad = [v for v in value if not ok(v)]
+    if bad or not value:
+        raise BadOption(f"parameter {name} must be a non-empty list of {what}, got {list(value)!r}")
+    return list(value)
 
 
 # -- running -------------------------------------------------------------------------------------------------
 def unique(configs: Iterable[RunConfig]) -> list[RunConfig]:
     seen: dict[str, RunConfig] = {}
     for cfg in configs:
-        seen.setdefault(cfg.hash, cfg)
+        seen.setdefault(cfg.options_hash, cfg)
     return list(seen.values())
 
 
@@ -146,7 +180,7 @@ def ensure(store: RunStore, configs: Iterable[RunConfig], progress: bool = True)
     if missing and len(devices) * jobs > 1:
         from .parallel import ensure_all
 
-        ensure_all(missing, str(store.root), store.data_root, devices, jobs, progress, store.compile)
+        ensure_all(missing, str(store.root), store.data_root, devices, jobs, progress, store.compile, store.stale)
     records = [
         store.ensure(cfg, progress=False)
         for cfg in tqdm(configs, desc="runs", unit="run", disable=not progress, mininterval=2.0)
@@ -194,7 +228,7 @@ def _values(store: RunStore, configs: Sequence[RunConfig], key: str) -> list[flo
     for cfg in configs:
         rec = store.record(cfg)
         if rec is None:
-            raise KeyError(f"run {cfg.hash} ({cfg.arch} {cfg.method}) is missing: call report.ensure first")
+            raise KeyError(f"run {store.path(cfg)} ({cfg.arch} {cfg.method}) is missing: call report.ensure first")
         out.append(float(rec[key]))
     return out
 

@@ -1,48 +1,72 @@
 """The run store: every number the book shows comes from a recorded run.
 
-A run is defined by a :class:`RunConfig`; its canonical dict is hashed, and ``runs/<hash>/`` holds
+A run's identity is computed here, in one place, from everything that changes its result: its canonical options
+(:class:`RunConfig`: every option of the recipe, the distiller and the method, defaults filled in, numbers
+normalised, so each run has one spelling), a fingerprint of the data (name, split sizes, a content hash of the
+training split) and :data:`kcdlib.NUMERICS_VERSION`. ``runs/<identity hash>/`` holds
 
-- ``config.json``: the canonical config, written when the run starts;
-- ``checkpoint.pt``: the state after the last finished epoch (replaced atomically each epoch);
+- ``config.json``: the identity, written when the run starts;
+- ``checkpoint-e<epoch>-v<images version>-<sha256[:16]>.pt``: the state after each of the last two finished
+  epochs, and ``images-v<version>-<sha256[:16]>.pt``, the run's own training images (KCD mixes into them), each
+  named by the checksum of its content, so damage is detected before anything is resumed from it;
 - ``model.pt``: the trained network in RepDistiller's format ``{'model': state_dict}``;
-- ``record.json``: the results (written atomically, last: its presence means the run is finished).
+- ``record.json``: the results (strict JSON with its own checksum, written atomically, last: its presence means
+  the run is finished).
 
-A finished run is reused, never retrained. A killed run resumes from its last epoch checkpoint and ends with the
-same record. Two processes asking for the same run take turns on a file lock: the second waits, then reuses the
-first's record.
+A finished run is reused, never retrained. A killed run resumes from its last intact checkpoint and ends with the
+same record. A record of the same options made on other data or by other numerics is never reused silently (see
+:class:`RunStore`). Two processes asking for the same run take turns on a lock held on the run's folder. Nothing
+read from the store runs code: tensors are loaded with ``weights_only=True``, everything else is JSON.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import platform
+import signal
+import socket
 import subprocess
-import tempfile
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import __version__, cost, models
-from .data import load_dataset
-from .distillers import DistillContext
-from .distillers import build as build_distiller
-from .errors import BadOption, CheckpointError
-from .methods import METHODS, MethodContext
-from .methods import build as build_method
-from .train import PRECISIONS, Recipe, Trainer, default_recipe
+from . import NUMERICS_VERSION, __version__, cost, distillers, methods, models
+from . import data as datasets
+from .errors import BadOption, CheckpointError, Diverged, StaleRun, StoreError, UnknownName
+from .train import PRECISIONS, Recipe, Trainer, default_recipe, evaluate
+
+# Seeds feed torch.manual_seed and the epoch generators: 31 bits keep every derived seed in range.
+MAX_SEED = 2**31 - 1
+# What a store does with a finished record of the same options but other data or numerics.
+STALE_POLICIES = ("stop", "rerun", "keep")
+
+
+class StoreWarning(UserWarning):
+    """Something in the store was damaged and set aside; the run goes on from what is intact."""
+
+
+def _items(options: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(options.items()))
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything that defines a run's result. ``teacher`` is the teacher's own run (trained and cached first),
-    or ``teacher_checkpoint`` a RepDistiller checkpoint file, identified by its content hash."""
+    """Everything in a run's options that defines its result. ``teacher`` is the teacher's own run (trained and
+    cached first), or ``teacher_sha256`` identifies a RepDistiller checkpoint file by its content.
+
+    Construction checks every option and makes it canonical: the distiller's and the method's options are
+    completed with their defaults, so a run spelled with or without its defaults is one run."""
 
     dataset: str
     arch: str
@@ -55,14 +79,35 @@ class RunConfig:
     teacher_arch: str | None = None
     teacher_sha256: str | None = None
     precision: str = "fp32"
+    distiller_options: tuple[tuple[str, Any], ...] = ()
     # Where the checkpoint was found: not part of the identity (the same file elsewhere is the same teacher).
     teacher_checkpoint: str | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        check_name("dataset", self.dataset, datasets.DATASETS)
+        check_name("architecture", self.arch, models.ARCHS)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise BadOption(f"the seed must be a whole number in [0, {MAX_SEED}], got {self.seed!r}")
+        if self.precision not in PRECISIONS:
+            raise BadOption(f"unknown precision '{self.precision}': one of {', '.join(PRECISIONS)}")
+        if self.kind == "distill":
+            if self.teacher_arch is None or (self.teacher is None) == (self.teacher_sha256 is None):
+                raise BadOption("a distillation run needs one teacher: a teacher run or a checkpoint's sha256")
+            check_name("architecture", self.teacher_arch, models.ARCHS)
+        elif self.teacher is not None or self.teacher_sha256 is not None:
+            raise BadOption("'ce' trains without a teacher")
+        d = distillers.canonical_options(self.distiller, dict(self.distiller_options))
+        r = self.recipe
+        m = methods.canonical_options(self.method, dict(self.method_options), r.epochs, r.batch_size)
+        object.__setattr__(self, "distiller_options", _items(d))
+        object.__setattr__(self, "method_options", _items(m))
 
     @property
     def kind(self) -> str:
         return "teacher" if self.distiller == "ce" else "distill"
 
     def canonical(self) -> dict[str, Any]:
+        """The run's options as one JSON-able dict: what its identity hashes."""
         d = {
             "kind": self.kind,
             "dataset": self.dataset,
@@ -70,6 +115,7 @@ class RunConfig:
             "recipe": self.recipe.as_dict(),
             "seed": self.seed,
             "distiller": self.distiller,
+            "distiller_options": dict(self.distiller_options),
             "method": self.method,
             "method_options": dict(self.method_options),
             "precision": self.precision,
@@ -80,24 +126,33 @@ class RunConfig:
         return d
 
     @property
-    def hash(self) -> str:
-        text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+    def options_hash(self) -> str:
+        """The hash of the options alone (the store's folder names add the data and the numerics version)."""
+        return digest(self.canonical())
+
+
+def digest(obj: Any) -> str:
+    """16 hex digits of the SHA-256 of ``obj`` as canonical JSON."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:16]
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def check_name(kind: str, name: str, known) -> None:
+    if name not in known:
+        raise UnknownName(f"unknown {kind} '{name}'; known {kind}s: {', '.join(sorted(known))}")
 
 
 def teacher_config(
     dataset: str, arch: str, seed: int = 0, epochs: int | None = None, precision: str = "fp32"
 ) -> RunConfig:
     """A teacher trained with cross-entropy and the dataset's default recipe."""
-    check_precision(precision)
+    check_name("dataset", dataset, datasets.DATASETS)
     return RunConfig(
         dataset=dataset, arch=arch, recipe=default_recipe(dataset, arch, epochs), seed=seed, precision=precision
     )
-
-
-def check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise BadOption(f"unknown precision '{precision}': one of {', '.join(PRECISIONS)}")
 
 
 def distill_config(
@@ -108,6 +163,7 @@ def distill_config(
     teacher_checkpoint: str | None = None,
     teacher_arch: str | None = None,
     distiller: str = "kd",
+    distiller_options: dict[str, Any] | None = None,
     method: str = "kd",
     method_options: dict[str, Any] | None = None,
     epochs: int | None = None,
@@ -115,18 +171,23 @@ def distill_config(
     precision: str = "fp32",
 ) -> RunConfig:
     """A distillation run of ``student`` from a teacher run or from a checkpoint file of ``teacher_arch``."""
-    check_precision(precision)
+    check_name("dataset", dataset, datasets.DATASETS)
     if (teacher is None) == (teacher_checkpoint is None):
         raise BadOption("give exactly one teacher: a teacher run or a checkpoint file")
+    if distiller == "ce":
+        raise BadOption("'ce' trains without a teacher: train it as a teacher run")
     sha = None
     if teacher_checkpoint is not None:
         if teacher_arch is None:
             raise BadOption("a teacher checkpoint needs its architecture (teacher_arch)")
         sha = file_sha256(teacher_checkpoint)
     else:
+        if teacher_arch is not None and teacher_arch != teacher.arch:
+            raise BadOption(f"teacher_arch '{teacher_arch}' contradicts the teacher run's '{teacher.arch}'")
         teacher_arch = teacher.arch
+    methods.check_name(method)
     # A method whose loss is not plain KD (UNIX: KD alone) brings its own distiller.
-    method_loss = getattr(METHODS.get(method), "loss", None)
+    method_loss = methods.METHODS[method].loss
     if method_loss is not None and distiller == "kd":
         distiller = method_loss
     return RunConfig(
@@ -135,8 +196,9 @@ def distill_config(
         recipe=default_recipe(dataset, student, epochs),
         seed=seed,
         distiller=distiller,
+        distiller_options=_items(distiller_options or {}),
         method=method,
-        method_options=tuple(sorted((method_options or {}).items())),
+        method_options=_items(method_options or {}),
         teacher=teacher,
         teacher_arch=teacher_arch,
         teacher_sha256=sha,
@@ -145,48 +207,178 @@ def distill_config(
     )
 
 
-def file_sha256(path: str) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
     try:
-        digest = hashlib.sha256()
+        h = hashlib.sha256()
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
+                h.update(chunk)
+        return h.hexdigest()
     except OSError as err:
         raise CheckpointError(f"cannot read the teacher checkpoint '{path}': {err.strerror}") from err
 
 
 # -- files -----------------------------------------------------------------------------------------------------
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+def _umask() -> int:
     try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+# Store files get the mode a plain open() would give them (group-readable under the usual umask), not mkstemp's
+# 0600: a store on a shared disk is shared.
+FILE_MODE = 0o666 & ~_umask()
+
+
+def store_error(path: Path, err: OSError) -> StoreError:
+    """One clear line for what the environment refused."""
+    hints = {
+        errno.ENOSPC: "the disk is full: free some space and run the same command again (the run resumes)",
+        errno.EDQUOT: "the disk quota is used up: free some space and run the same command again",
+        errno.EROFS: "the file system is read-only: choose another runs folder (--runs-dir)",
+        errno.EACCES: "permission denied: choose a runs folder you can write to (--runs-dir)",
+        errno.EPERM: "permission denied: choose a runs folder you can write to (--runs-dir)",
+        errno.ENOTDIR: "a part of that path is a file, not a folder: choose another runs folder (--runs-dir)",
+        errno.EEXIST: "a file stands where a folder should be: choose another runs folder (--runs-dir)",
+    }
+    hint = hints.get(err.errno, err.strerror or str(err))
+    return StoreError(f"cannot write '{path}': {hint}")
+
+
+# Fault injection for the kill-and-resume tests: with KCD_KILL_AT="<point>:<n>" the process kills itself with
+# SIGKILL the n-th time it passes <point>: "write:<file kind>" (a temporary file written, not yet renamed),
+# "wrote:<file kind>" (renamed) or "epoch" (an epoch trained, not yet checkpointed). Unset, it costs nothing.
+_KILL_AT = os.environ.get("KCD_KILL_AT", "")
+_passes: dict[str, int] = {}
+
+
+def failpoint(point: str) -> None:
+    if not _KILL_AT:
+        return
+    _passes[point] = _passes.get(point, 0) + 1
+    name, _, count = _KILL_AT.rpartition(":")
+    if name == point and str(_passes[point]) == count:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kind(path: Path) -> str:
+    return path.name.split("-")[0].split(".")[0]
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` through a temporary file in the same folder, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        failpoint(f"write:{_kind(path)}")
         os.replace(tmp, path)
+        failpoint(f"wrote:{_kind(path)}")
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise store_error(path, err) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
 
 
+def tensor_bytes(obj: Any) -> bytes:
+    """``torch.save`` into memory: the disk write is then ours, with ours errors, and the checksum is free."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def load_tensors(data: bytes, device: torch.device | str = "cpu") -> Any:
+    """Tensors, numbers, strings, lists and dicts only: a planted pickle is refused, never run."""
+    return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+
+
+def sha16(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()))
+    """Strict JSON (a NaN is an error, never a bare ``NaN``), written atomically."""
+    try:
+        text = json.dumps(obj, indent=1, allow_nan=False)
+    except ValueError as err:
+        raise Diverged(f"refusing to write {path}: it would hold a non-finite number ({err})") from None
+    atomic_write(path, (text + "\n").encode())
+
+
+def sealed(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with its checksum: the SHA-256 of the rest as canonical JSON."""
+    rest = {k: v for k, v in record.items() if k != "checksum"}
+    return {**rest, "checksum": hashlib.sha256(canonical_json(rest).encode()).hexdigest()}
+
+
+class Damaged(Exception):
+    """A store file that cannot be trusted (internal: the store sets it aside and goes on)."""
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A record, verified against its checksum; :class:`Damaged` says what is wrong."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise Damaged("not text") from None
+    except OSError as err:
+        raise Damaged(err.strerror or str(err)) from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise Damaged(f"not JSON ({'empty' if not text.strip() else err.msg})") from None
+    if not isinstance(record, dict) or "checksum" not in record:
+        raise Damaged("no checksum")
+    if sealed(record)["checksum"] != record["checksum"]:
+        raise Damaged("checksum mismatch: its content changed after it was written")
+    return record
 
 
 @contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """An exclusive lock held while the block runs; the OS drops it if the process dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+def locked(folder: Path, log: Callable[[str], None]) -> Iterator[None]:
+    """An exclusive lock on the run's folder itself, held while the block runs: there is no lock file that could be
+    deleted under a running trainer, and the OS drops the lock when the process dies."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as err:
+        raise store_error(folder, err) from None
+    try:
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for {_owner(folder)}, which is training {folder} ...")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _owner(folder: Path) -> str:
+    try:
+        owner = json.loads((folder / "owner.json").read_text())
+        return f"process {owner['pid']} on {owner['host']} (since {owner['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def git_commit() -> str | None:
@@ -209,54 +401,178 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def finite_weights(model: torch.nn.Module) -> str | None:
+    """The name of the first tensor of ``model``'s state with a non-finite value, or None."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
 # -- the store -------------------------------------------------------------------------------------------------
 class RunStore:
-    """Runs under ``root``, keyed by config hash."""
+    """Runs under ``root``, one folder per run identity.
+
+    ``stale`` says what to do when a run is missing but the store holds a finished record of the same options
+    made on other data or by other numerics: ``stop`` (default) raises :class:`StaleRun` naming it and why,
+    ``rerun`` trains the run anew (the old folder stays), ``keep`` reuses the old record as it is.
+    """
 
     def __init__(
-        self, root: str | os.PathLike = "runs", data_root: str = "data", device: str = "cpu", compile: str = "off"
+        self,
+        root: str | os.PathLike = "runs",
+        data_root: str = "data",
+        device: str = "cpu",
+        compile: str = "off",
+        stale: str = "stop",
     ):
+        if stale not in STALE_POLICIES:
+            raise BadOption(f"unknown stale policy '{stale}': one of {', '.join(STALE_POLICIES)}")
         self.compile = compile  # how the networks run (torch.compile mode): speed only, not the run's identity
         self.root = Path(root)
         self.data_root = data_root
         self.device = torch.device(device)
+        self.stale = stale
         self._datasets: dict[str, Any] = {}
+        self._fingerprints: dict[str, dict[str, Any]] = {}
+        self._warned: set[str] = set()
+
+    # -- identity --------------------------------------------------------------------------------------------
+    def fingerprint(self, dataset: str) -> dict[str, Any]:
+        """The data under this store's data root: name, split sizes, content hash of the training split."""
+        if dataset not in self._fingerprints:
+            self._fingerprints[dataset] = datasets.fingerprint(dataset, self.data_root)
+        return self._fingerprints[dataset]
+
+    def identity(self, cfg: RunConfig) -> dict[str, Any]:
+        """Everything that changes the run's result: its options, its data, the numerics of this code."""
+        return {"run": cfg.canonical(), "data": self.fingerprint(cfg.dataset), "numerics": NUMERICS_VERSION}
+
+    def run_hash(self, cfg: RunConfig) -> str:
+        return digest(self.identity(cfg))
 
     def path(self, cfg: RunConfig) -> Path:
-        return self.root / cfg.hash
-
-    def record(self, cfg: RunConfig) -> dict[str, Any] | None:
-        """The finished run's record, or None."""
-        p = self.path(cfg) / "record.json"
-        return json.loads(p.read_text()) if p.exists() else None
-
-    def dataset(self, name: str):
-        if name not in self._datasets:
-            self._datasets[name] = load_dataset(name, self.data_root, self.device)
-        return self._datasets[name]
+        return self.root / self.run_hash(cfg)
 
     def model_path(self, cfg: RunConfig) -> Path:
         return self.path(cfg) / "model.pt"
 
-    def ensure(self, cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
-        """The record of ``cfg``: reused when finished, else trained (resuming a checkpoint if there is one)."""
+    # -- reading ---------------------------------------------------------------------------------------------
+    def record(self, cfg: RunConfig) -> dict[str, Any] | None:
+        """The finished run's record, or None (also when the record is damaged: it is then trained again)."""
+        path = self.path(cfg) / "record.json"
+        if not path.exists():
+            return None
+        try:
+            record = read_record(path)
+        except Damaged as err:
+            self._warn(f"{path} is damaged ({err}): the run will be trained again")
+            return None
+        if record.get("hash") != path.parent.name:
+            self._warn(f"{path} belongs to run {record.get('hash')}, not {path.parent.name}: the run will be "
+                       "trained again")  # fmt: skip
+            return None
+        return record
+
+    def dataset(self, name: str):
+        if name not in self._datasets:
+            self._datasets[name] = datasets.load_dataset(name, self.data_root, self.device)
+        return self._datasets[name]
+
+    def _warn(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, StoreWarning, stacklevel=3)
+
+    # -- stale records ---------------------------------------------------------------------------------------
+    def stale_records(self, cfg: RunConfig) -> list[tuple[Path, dict[str, Any], str]]:
+        """Finished runs of the same options under another identity: ``(folder, record, why)``."""
+        if not self.root.is_dir():
+            return []
+        here = self.identity(cfg)
+        found = []
+        for folder in sorted(self.root.iterdir()):
+            try:
+                config = json.loads((folder / "config.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(config, dict) or config.get("options_hash") != cfg.options_hash:
+                continue
+            if folder.name == self.run_hash(cfg) or not (folder / "record.json").exists():
+                continue
+            try:
+                record = read_record(folder / "record.json")
+            except Damaged:
+                continue
+            found.append((folder, record, _difference(config.get("identity", {}), here)))
+        return found
+
+    # -- training --------------------------------------------------------------------------------------------
+    def ensure(self, cfg: RunConfig, progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """The record of ``cfg``: reused when finished, else trained (resuming its last intact checkpoint).
+
+        ``log`` gets one-line notices (reused, waiting for another process); warnings report damage."""
+        log = log or (lambda message: None)
+        self._check_root()
         if (rec := self.record(cfg)) is not None:
+            log(f"reused {self.path(cfg)} (trained {rec.get('finished', 'earlier')})")
             return rec
-        self.method_for(cfg, fs_over_ft=1.0)  # refuse bad method options before training anything
+        stale = self.stale_records(cfg)
+        if stale and self.stale == "stop":
+            lines = [f"{folder} (trained {rec.get('finished', 'earlier')}) {why}" for folder, rec, why in stale]
+            raise StaleRun(
+                "the store holds this run's options, but not this run: " + "; ".join(lines) + ". It is not reused."
+                " Train the run anew with --rerun (the old folder stays as it is), or reuse the old record as it"
+                " is with --keep-stale."
+            )
+        if stale and self.stale == "keep":
+            folder, rec, why = stale[-1]
+            log(f"reused {folder} (trained {rec.get('finished', 'earlier')}) although it was {why} (--keep-stale)")
+            return rec
+        self.method_for(cfg, fs_over_ft=1.0)  # refuse options that do not fit the data before training anything
         if cfg.teacher is not None:
-            self.ensure(cfg.teacher, progress)
+            self.ensure(cfg.teacher, progress, log)
+            self._check_teacher_model(cfg.teacher, progress, log)
         run_dir = self.path(cfg)
-        with locked(run_dir / "lock"):
+        with locked(run_dir, log):
             # Another process may have finished it while we waited for the lock.
             if (rec := self.record(cfg)) is not None:
                 return rec
             return self._train(cfg, run_dir, progress)
 
+    def _check_root(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"the runs folder '{self.root}' is a file, not a folder: choose another (--runs-dir)")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise store_error(self.root, err) from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StoreError(f"cannot write to the runs folder '{self.root}': choose another (--runs-dir)")
+
+    def _check_teacher_model(self, teacher: RunConfig, progress: bool, log) -> None:
+        """A teacher run's ``model.pt`` must be the one its record names: if it is gone or changed, the teacher
+        is trained again (its record is set aside)."""
+        record = self.record(teacher)
+        path = self.model_path(teacher)
+        if record is not None and path.exists() and file_sha256(path) == record.get("model_sha256"):
+            return
+        why = "missing" if not path.exists() else "not the file its record names (checksum mismatch)"
+        self._warn(f"the teacher's weights {path} are {why}: the teacher is trained again")
+        with locked(path.parent, log):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(path.parent / "record.json", path.parent / "record.json.damaged")
+        self.ensure(teacher, progress, log)
+
     def load_teacher(self, cfg: RunConfig) -> torch.nn.Module:
-        """The frozen teacher of a distillation run, on the store's device, in eval mode."""
+        """The frozen teacher of a distillation run, on the store's device, in eval mode, checked to be finite."""
         source = str(self.model_path(cfg.teacher)) if cfg.teacher else cfg.teacher_checkpoint
+        if cfg.teacher is None and file_sha256(source) != cfg.teacher_sha256:
+            raise CheckpointError(f"the teacher checkpoint '{source}' changed since this run was configured")
         num_classes = self.dataset(cfg.dataset).num_classes
         teacher = models.load_checkpoint(cfg.teacher_arch, source, num_classes=num_classes).to(self.device).eval()
+        if (bad := finite_weights(teacher)) is not None:
+            raise CheckpointError(f"the teacher checkpoint '{source}' holds non-finite weights (in '{bad}')")
         for p in teacher.parameters():
             p.requires_grad_(False)
         return teacher
@@ -266,14 +582,15 @@ class RunStore:
         torch.manual_seed(cfg.seed)
         student = models.create(cfg.arch, num_classes=data.num_classes).to(self.device)
         teacher = self.load_teacher(cfg) if cfg.kind == "distill" else None
-        context = DistillContext(
+        context = distillers.DistillContext(
             num_points=data.num_train,
             num_classes=data.num_classes,
             student_dim=models.penultimate_dim(student),
             teacher_dim=models.penultimate_dim(teacher) if teacher is not None else 0,
             labels=data.train_labels,
+            options=dict(cfg.distiller_options),
         )
-        distiller = build_distiller(cfg.distiller, context).to(self.device)
+        distiller = distillers.build(cfg.distiller, context).to(self.device)
         fs_over_ft = 1.0
         if teacher is not None:
             size = (3, data.image_size, data.image_size)
@@ -286,7 +603,7 @@ class RunStore:
 
     def method_for(self, cfg: RunConfig, fs_over_ft: float):
         data = self.dataset(cfg.dataset)
-        context = MethodContext(
+        context = methods.MethodContext(
             num_points=data.num_train,
             epochs=cfg.recipe.epochs,
             seed=cfg.seed,
@@ -296,39 +613,44 @@ class RunStore:
             fs_over_ft=fs_over_ft,
             images_in_memory=hasattr(data, "train_images"),
         )
-        return build_method(cfg.method, context)
+        return methods.build(cfg.method, context)
+
+    def _teacher_quality(self, trainer: Trainer, cfg: RunConfig) -> dict[str, Any] | None:
+        """The teacher's test accuracy, measured here; a teacher near chance is most likely the wrong file."""
+        if trainer.teacher is None:
+            return None
+        top1, top5 = evaluate(trainer.teacher, trainer.data, precision=cfg.precision)
+        chance = 100.0 / trainer.data.num_classes
+        source = cfg.teacher_checkpoint or f"run {self.run_hash(cfg.teacher)}"
+        if top1 < 2 * chance:
+            self._warn(f"the teacher ({source}) scores {top1:.2f} % top-1 on {cfg.dataset}'s test split (chance: "
+                       f"{chance:.2f} %): is it the right file?")  # fmt: skip
+        return {"top1": top1, "top5": top5, "source": source}
 
     def _train(self, cfg: RunConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
-        write_json(run_dir / "config.json", cfg.canonical())
-        trainer = self.build_trainer(cfg, progress)
-        ckpt = run_dir / "checkpoint.pt"
-        if ckpt.exists():
-            state = torch.load(ckpt, map_location=self.device, weights_only=False)
-            if state.get("images_file"):
-                state["images"] = torch.load(run_dir / state["images_file"], map_location=self.device)
-            trainer.load_state_dict(state)
-
-        def save(t: Trainer) -> None:
-            state = t.state_dict()
-            images = state.pop("images")
-            if images is not None:
-                # The run's own images (KCD mixes into them) change only at condensations: store each version
-                # once, beside the checkpoint, instead of with every epoch's checkpoint.
-                name = f"images-{t.method.images_version}.pt"
-                if not (run_dir / name).exists():
-                    atomic_write(run_dir / name, lambda f: torch.save(images.cpu(), f))
-                state["images_file"] = name
-            atomic_write(ckpt, lambda f: torch.save(state, f))
-            for old in run_dir.glob("images-*.pt"):
-                if old.name != state.get("images_file"):
-                    old.unlink(missing_ok=True)
-
-        trainer.run(on_epoch_end=save)
-        atomic_write(self.model_path(cfg), lambda f: torch.save({"model": trainer.student.state_dict()}, f))
+        run_hash = run_dir.name
+        for leftover in run_dir.glob(".*.tmp"):  # writes a killed process left half done
+            leftover.unlink(missing_ok=True)
+        if (run_dir / "record.json").exists():  # here only when damaged: keep it for a look, out of the way
+            os.replace(run_dir / "record.json", run_dir / "record.json.damaged")
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
+        write_json(run_dir / "owner.json", owner)  # who holds the lock, for a process that waits on it
+        identity = self.identity(cfg)
+        write_json(run_dir / "config.json", {"hash": run_hash, "options_hash": cfg.options_hash, "identity": identity})
+        trainer = self._resume(cfg, run_dir, progress)
+        teacher = self._teacher_quality(trainer, cfg)
+        trainer.run(on_epoch_end=lambda t: (failpoint("epoch"), self._save(t, run_dir)))
+        model = tensor_bytes({"model": trainer.student.state_dict()})
+        atomic_write(run_dir / "model.pt", model)
         record = {
-            "hash": cfg.hash,
+            "hash": run_hash,
             "config": cfg.canonical(),
+            "data": identity["data"],
+            "numerics": NUMERICS_VERSION,
             **trainer.results(),
+            "teacher_accuracy": teacher,
+            "model_sha256": hashlib.sha256(model).hexdigest(),
+            "finished": _now(),
             "versions": {
                 "kcdlib": __version__,
                 "torch": torch.__version__,
@@ -338,8 +660,98 @@ class RunStore:
             "execution": trainer.execution(),
             "git_commit": git_commit(),
         }
+        record = sealed(record)
         write_json(run_dir / "record.json", record)
-        ckpt.unlink(missing_ok=True)
-        for leftover in run_dir.glob("images-*.pt"):
+        for leftover in [*run_dir.glob("checkpoint-*.pt"), *run_dir.glob("images-*.pt"), run_dir / "owner.json"]:
             leftover.unlink(missing_ok=True)
         return record
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    # A checkpoint's name carries its epoch, the version of the images it needs and the checksum of its content.
+    KEEP_CHECKPOINTS = 2  # the last and the one before: a damaged last one still leaves an intact point
+
+    def _save(self, trainer: Trainer, run_dir: Path) -> None:
+        state = trainer.state_dict()
+        images = state.pop("images")
+        version = trainer.method.images_version
+        state["run"] = run_dir.name
+        if images is not None:
+            # The run's own images change only at condensations: each version is stored once, beside the
+            # checkpoints, instead of in every epoch's checkpoint.
+            existing = sorted(run_dir.glob(f"images-v{version}-*.pt"))
+            if existing:
+                state["images_file"] = existing[0].name
+            else:
+                data = tensor_bytes(images.cpu())
+                state["images_file"] = f"images-v{version}-{sha16(data)}.pt"
+                atomic_write(run_dir / state["images_file"], data)
+        data = tensor_bytes(state)
+        atomic_write(run_dir / f"checkpoint-e{trainer.epoch:06d}-v{version}-{sha16(data)}.pt", data)
+        kept = sorted(run_dir.glob("checkpoint-e*.pt"), reverse=True)
+        for old in kept[self.KEEP_CHECKPOINTS :]:
+            old.unlink(missing_ok=True)
+        versions = {_version_of(p) for p in kept[: self.KEEP_CHECKPOINTS]}
+        for old in run_dir.glob("images-v*.pt"):
+            if _version_of(old) not in versions:
+                old.unlink(missing_ok=True)
+
+    def _resume(self, cfg: RunConfig, run_dir: Path, progress: bool) -> Trainer:
+        """A trainer at the last intact checkpoint (damaged ones are named, removed, and the one before tried)."""
+        trainer = self.build_trainer(cfg, progress)
+        candidates = sorted(run_dir.glob("checkpoint-e*.pt"), reverse=True)
+        for path in candidates:
+            try:
+                state = self._read_checkpoint(path, run_dir)
+                trainer.load_state_dict(state)
+                return trainer
+            except Damaged as err:
+                self._warn(f"{path} is damaged ({err}): removed, trying the checkpoint before it")
+            except (KeyError, RuntimeError, ValueError, TypeError) as err:
+                self._warn(f"{path} does not fit this run ({type(err).__name__}: {str(err)[:200]}): removed")
+            path.unlink(missing_ok=True)
+            trainer = self.build_trainer(cfg, progress)  # a half-loaded trainer is not to be trusted
+        if candidates:
+            self._warn(f"no intact checkpoint left in {run_dir}: the run starts again from its first epoch")
+        return trainer
+
+    def _read_checkpoint(self, path: Path, run_dir: Path) -> dict[str, Any]:
+        state = _verified_tensors(path, self.device)
+        if not isinstance(state, dict) or state.get("run") != run_dir.name:
+            raise Damaged("it belongs to another run")
+        if state.get("images_file"):
+            state["images"] = _verified_tensors(run_dir / state["images_file"], self.device)
+        return state
+
+
+def _version_of(path: Path) -> str:
+    return next((part for part in path.stem.split("-") if part.startswith("v")), "")
+
+
+def _verified_tensors(path: Path, device: torch.device) -> Any:
+    """The tensors of a store file whose name ends in the first 16 hex digits of its content's SHA-256."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise Damaged(f"{path.name}: {err.strerror}") from None
+    if sha16(data) != path.stem.rsplit("-", 1)[-1]:
+        raise Damaged(f"{path.name}: checksum mismatch")
+    try:
+        return load_tensors(data, device)
+    except Exception as err:  # noqa: BLE001 - any failure to unpickle means the file cannot be used
+        raise Damaged(f"{path.name}: unreadable ({type(err).__name__})") from None
+
+
+def _difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Why a record of the same options is not this run, in words."""
+    reasons = []
+    if old.get("numerics") != new["numerics"]:
+        reasons.append(f"made by numerics version {old.get('numerics')} (this code: {new['numerics']})")
+    a, b = old.get("data") or {}, new["data"]
+    if a != b:
+        if (a.get("num_train"), a.get("num_test")) != (b["num_train"], b["num_test"]):
+            reasons.append(f"made on other data ({a.get('num_train')}/{a.get('num_test')} train/test images, "
+                           f"now {b['num_train']}/{b['num_test']})")  # fmt: skip
+        else:
+            reasons.append(f"made on other data (training split {str(a.get('train_sha256'))[:12]}, now "
+                           f"{b['train_sha256'][:12]})")  # fmt: skip
+    return " and ".join(reasons) or "made under another identity"

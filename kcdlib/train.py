@@ -16,6 +16,7 @@ continues exactly as an uninterrupted one (on CPU; cuDNN may differ in the last 
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -29,8 +30,9 @@ from torch import nn
 from .condense import softmax_entropy
 from .data import epoch_generator
 from .distillers import Distiller
-from .errors import BadOption
+from .errors import Diverged
 from .methods import Method
+from .options import Option, between, canonical, non_negative, normalize, positive
 
 # Architectures that RepDistiller trains with lr 0.01 instead of 0.05.
 LOW_LR_ARCHS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
@@ -50,9 +52,11 @@ class Recipe:
     lr_decay: float = 0.1
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1:
-            raise BadOption(f"a run needs at least one epoch and one sample a batch, got {self.epochs} epochs of "
-                            f"batches of {self.batch_size}")  # fmt: skip
+        # Normalised and checked here, so a recipe has one spelling (``0.05`` and ``5e-2``, ``1`` and ``1.0``).
+        o = canonical("recipe", RECIPE_OPTIONS, {k: getattr(self, k) for k in RECIPE_OPTIONS})
+        o["milestones"] = tuple(normalize("recipe", "milestone", MILESTONE, m) for m in self.milestones)
+        for name, value in o.items():
+            object.__setattr__(self, name, value)
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of 1-based ``epoch``: decayed once for each milestone epoch already passed."""
@@ -63,6 +67,17 @@ class Recipe:
         d = asdict(self)
         d["milestones"] = list(self.milestones)
         return d
+
+
+RECIPE_OPTIONS = {
+    "epochs": Option(None, int, **positive()),
+    "batch_size": Option(None, int, **positive()),
+    "lr": Option(None, **positive()),
+    "momentum": Option(None, **between(0, 1, high_open=True)),
+    "weight_decay": Option(None, **non_negative()),
+    "lr_decay": Option(None, **between(0, 1, low_open=True)),
+}
+MILESTONE = Option(None, **between(0, 1, low_open=True))
 
 
 def default_recipe(dataset: str, arch: str, epochs: int | None = None) -> Recipe:
@@ -251,6 +266,7 @@ class Trainer:
         epoch = self.epoch + 1
         start = time.perf_counter()
         row = {"epoch": epoch, **self.train_pass(epoch, self.method.epoch_points(epoch))}
+        self.check_finite(epoch, row["train_loss"])
         row["top1"], row["top5"] = evaluate(self.student, self.data, precision=self.precision)
         row.update(self.method.end_epoch(epoch, self.images))
         row["seconds"] = time.perf_counter() - start
@@ -258,6 +274,17 @@ class Trainer:
         self.epoch = epoch
         self.history.append(row)
         return row
+
+    def check_finite(self, epoch: int, loss: float) -> None:
+        """Stop a run whose loss or weights are no longer finite: its accuracy would be chance, recorded as if it
+        were a result. Checked once an epoch, before the epoch is checkpointed."""
+        bad = None if math.isfinite(loss) else f"the training loss is {loss}"
+        for name, t in [*self.student.state_dict().items(), *self.distiller.state_dict().items()]:
+            if bad is None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = f"'{name}' holds non-finite values"
+        if bad is not None:
+            raise Diverged(f"the run diverged in epoch {epoch}: {bad}. Nothing is recorded; the checkpoints of the "
+                           "epochs before it are kept. Try a smaller learning rate or other loss weights.")  # fmt: skip
 
     def run(self, on_epoch_end: Callable[[Trainer], None] | None = None) -> None:
         """Train the remaining epochs; ``on_epoch_end`` is the place to checkpoint."""

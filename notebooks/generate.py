@@ -18,14 +18,15 @@ device = None          # None: the profile's device; or "cpu", "cuda", "cuda:1"
 seeds = None           # None: the profile's seeds; e.g. [0, 1, 2] for mean ± sd
 devices = None         # e.g. ["cuda:0", "cuda:1"]: spread the missing runs over these devices
 jobs_per_device = 1    # runs at once on each device (small CIFAR networks leave a GPU mostly idle)
-compile_mode = "off"   # "reduce-overhead": torch.compile with CUDA graphs (fastest on a GPU)'''
+compile_mode = "off"   # "reduce-overhead": torch.compile with CUDA graphs (fastest on a GPU)
+stale = "stop"         # a record of these options made on other data or code: "stop", "rerun" or "keep"'''
 
 SETUP = '''from myst_nb import glue
 
 from kcdlib import report
 
 p, store = report.setup(profile, runs_dir, data_root, device, seeds=seeds, devices=devices,
-                        jobs_per_device=jobs_per_device, compile=compile_mode{knobs})
+                        jobs_per_device=jobs_per_device, compile=compile_mode, stale=stale{knobs})
 print(p.description)'''
 
 

@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 
@@ -27,6 +28,11 @@ def digits_teacher(store):
     cfg = teacher_config("digits", TEACHER, seed=0, epochs=TEACHER_EPOCHS)
     store.ensure(cfg, progress=False)
     return cfg
+
+
+def copy_run(store, cfg, root):
+    """Copy the finished run ``cfg`` of ``store`` into the store folder ``root`` (same data, same identity)."""
+    shutil.copytree(store.path(cfg), root / store.path(cfg).name)
 
 
 def short_kd(teacher, epochs=4, **kw):
