@@ -10,14 +10,17 @@ Adding a table = one ``*_runs`` and one builder here, one thin notebook in ``not
 
 from __future__ import annotations
 
+import io
 import math
 import statistics
 import time
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -25,7 +28,7 @@ from . import condense, cost, models, options, reference
 from .errors import BadOption
 from .methods import METHODS
 from .profiles import Profile, get_profile, split_pair
-from .runs import MAX_SEED, RunConfig, RunStore, distill_config, teacher_config
+from .runs import MAX_SEED, RunConfig, RunStore, atomic_write, distill_config, teacher_config
 from .train import COMPILE_MODES
 
 # (number of classes, image side) of each dataset, for counting multiply-adds without loading the data.
@@ -683,10 +686,15 @@ def stage_table(record: dict[str, Any], num_points: int) -> pd.DataFrame:
 def watch_kcd(store: RunStore, cfg: RunConfig) -> pd.DataFrame:
     """Replay the KCD run ``cfg`` epoch by epoch and snapshot the value record at each condensation: one row
     per (condensation, point) with ``V``, ``F``, the score, and whether the point was in the set before and
-    after. The replay is cached beside the run (``watch.pkl``), so a second call trains nothing."""
-    cache = store.path(cfg) / "watch.pkl"
+    after. The replay is cached beside the run (``watch.npz``, plain arrays read without pickle, so a copied store
+    runs no code), so a second call trains nothing."""
+    cache = store.path(cfg) / "watch.npz"
     if cache.exists():
-        return pd.read_pickle(cache)
+        try:
+            with np.load(cache, allow_pickle=False) as arrays:
+                return pd.DataFrame({name: arrays[name] for name in arrays.files})
+        except (OSError, ValueError, zipfile.BadZipFile):
+            pass  # damaged: replay again
     trainer = store.build_trainer(cfg, progress=False)
     method, n = trainer.method, trainer.data.num_train
     frames = []
@@ -706,8 +714,9 @@ def watch_kcd(store: RunStore, cfg: RunConfig) -> pd.DataFrame:
             "before": before.numpy(), "after": after.numpy(),
         }))  # fmt: skip
     frame = pd.concat(frames, ignore_index=True)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_pickle(cache)
+    buf = io.BytesIO()
+    np.savez(buf, **{name: frame[name].to_numpy() for name in frame.columns})
+    atomic_write(cache, buf.getvalue())
     return frame
 
 

@@ -129,3 +129,29 @@ def test_rerun_trains_nothing(tiny_book, runs_dir):
     report.ensure(store, report.all_runs("tiny"), progress=False)
     assert {p: p.stat().st_mtime_ns for p in records} == before
     assert json.loads(records[0].read_text())["hash"]
+
+
+@pytest.mark.parametrize(
+    "parameters, needle",
+    [
+        ({"seeds": [-1]}, "parameter seeds"),
+        ({"seeds": 3}, "must be a list"),
+        ({"seeds": [0, "1"]}, "parameter seeds"),
+        ({"devices": ["tpu"]}, "device 'tpu'"),
+        ({"device": "tpu"}, "device 'tpu'"),
+        ({"jobs_per_device": 0}, "jobs_per_device"),
+        ({"compile": "fast"}, "compile_mode"),
+        ({"stale": "maybe"}, "stale policy"),
+        ({"grid_pairs": "wrn_40_2/wrn_16_2"}, "must be a list"),
+        ({"rhos": [0.7, "x"]}, "parameter rhos"),
+        ({"profile": "huge"}, "unknown profile"),
+    ],
+)
+def test_notebook_parameters_are_checked_before_any_run(tmp_path, parameters, needle):
+    """The notebooks' first call refuses bad parameters with the command line's rules, one line each."""
+    from kcdlib.errors import KcdError
+
+    kwargs = {"profile": "tiny", "runs_dir": str(tmp_path), **parameters}
+    with pytest.raises(KcdError, match=re.escape(needle)):
+        report.setup(**kwargs)
+    assert not any(tmp_path.iterdir())

@@ -1,5 +1,8 @@
 """The command line: help, a clear paragraph and exit status 2 on bad input, never a traceback."""
 
+import errno
+import json
+import os
 import subprocess
 
 import pytest
@@ -107,3 +110,113 @@ def test_warnings_are_one_line_for_the_reader(tmp_path, capsys, store, digits_te
     assert proc.returncode == 0, proc.stderr
     assert "kcd: warning: compile 'graph' records CUDA graphs and needs a CUDA device" in proc.stderr
     assert "UserWarning" not in proc.stderr and ".py:" not in proc.stderr
+
+
+DISTILL = ["distill", "--dataset", "digits", "--teacher", "resnet20", "--student", "resnet8", "--device", "cpu"]
+UNIX = [*DISTILL, "--method", "unix"]
+KCD = [*DISTILL, "--method", "kcd"]
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        ([*UNIX, "--unix-w", "nan"], ["option w", "finite"]),
+        ([*UNIX, "--unix-w", "-50"], ["option w", ">= 0"]),
+        ([*UNIX, "--unix-k", "100000"], ["option k", "at most the batch size 64"]),
+        ([*KCD, "--alpha", "nan"], ["option alpha", "finite"]),
+        ([*KCD, "--alpha", "inf"], ["option alpha", "finite"]),
+        ([*KCD, "--alpha", "-1"], ["option alpha", ">= 0"]),
+        ([*KCD, "--eps-m", "1.5"], ["option eps_m", "in [0, 1]"]),
+        ([*KCD, "--rho", "0"], ["option rho", "in (0, 1]"]),
+        ([*KCD, "--epochs", "10"], ["six stages", "stage_epochs"]),
+        ([*DISTILL, "--temperature", "0"], ["option temperature", "> 0"]),
+        ([*DISTILL, "--gamma", "-1"], ["option gamma", ">= 0"]),
+        ([*DISTILL, "--beta", "1"], ["distiller 'kd' has no option beta", "alpha, gamma, temperature"]),
+        ([*DISTILL, "--rho", "0.5"], ["--rho belongs to --method kcd"]),
+        ([*DISTILL, "--teacher-arch", "resnet32"], ["--teacher-arch is for --teacher-ckpt"]),
+        ([*DISTILL, "--device", "tpu"], ["device 'tpu'", "cpu, cuda"]),
+        (["teacher", "--arch", "resnet8", "--dataset", "cifar100", "--data-root", "nowhere"], ["cifar-100-python"]),
+    ],
+)
+def test_bad_input_is_one_line_before_any_training(tmp_path, capsys, args, needles):
+    """Every row of issue #6's list of bad input: status 2, one line, nothing trained (no run folder written)."""
+    proc = run_main(capsys, *args, "--runs-dir", str(tmp_path / "runs"), "--no-progress")
+    assert_clean_error(proc, *needles)
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not list(tmp_path.glob("runs/*/config.json")), "something was trained before the options were checked"
+
+
+def test_a_teacher_checkpoint_flag_for_the_wrong_source_is_refused(tmp_path, capsys, store, digits_teacher):
+    proc = run_main(capsys, "distill", "--dataset", "digits", "--teacher-ckpt", str(store.model_path(digits_teacher)),
+                    "--teacher-arch", "resnet20", "--teacher-epochs", "3", "--student", "resnet8",
+                    "--runs-dir", str(tmp_path), "--device", "cpu")  # fmt: skip
+    assert_clean_error(proc, "--teacher-epochs is for a teacher trained here")
+
+
+def test_a_huge_seed_is_refused_by_the_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([*DISTILL, "--seed", str(2**40), "--runs-dir", str(tmp_path)])
+    assert exited.value.code == 2
+    assert "argument --seed: must be at most 2147483647" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "errno_, needle",
+    [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only"), (errno.EACCES, "permission denied")],
+)
+def test_the_environment_refusing_a_write_is_one_line(tmp_path, capsys, monkeypatch, errno_, needle):
+    def refuse(src, dst):
+        raise OSError(errno_, os.strerror(errno_))
+
+    monkeypatch.setattr("kcdlib.runs.os.replace", refuse)
+    proc = run_main(capsys, "teacher", "--arch", "resnet8", "--dataset", "digits", "--epochs", "1",
+                    "--runs-dir", str(tmp_path), "--device", "cpu", "--no-progress")  # fmt: skip
+    assert_clean_error(proc, "cannot write", needle)
+
+
+def test_a_runs_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    for runs in (tmp_path / "file", tmp_path / "file" / "below"):
+        proc = run_main(capsys, "teacher", "--arch", "resnet8", "--epochs", "1", "--runs-dir", str(runs),
+                        "--device", "cpu")  # fmt: skip
+        assert_clean_error(proc, str(runs))
+
+
+def test_a_diverging_run_stops_naming_the_epoch_and_records_nothing(tmp_path, capsys, monkeypatch):
+    from kcdlib.distillers import CrossEntropy
+
+    monkeypatch.setattr(
+        CrossEntropy, "forward", lambda self, *a: {"ce": torch.tensor(float("nan"), requires_grad=True)}
+    )
+    proc = run_main(capsys, "teacher", "--arch", "resnet8", "--epochs", "2", "--runs-dir", str(tmp_path),
+                    "--device", "cpu", "--no-progress")  # fmt: skip
+    assert_clean_error(proc, "diverged in epoch 1", "training loss is nan")
+    assert not list(tmp_path.glob("*/record.json"))
+
+
+def test_teacher_checkpoints_with_nonfinite_or_useless_weights(tmp_path, capsys):
+    model = models.create("resnet8", num_classes=10)
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    models.save_checkpoint(model, tmp_path / "nan.pth")
+    args = ["distill", "--dataset", "digits", "--teacher-arch", "resnet8", "--student", "resnet8", "--epochs", "1",
+            "--runs-dir", str(tmp_path / "runs"), "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert_clean_error(run_main(capsys, *args, "--teacher-ckpt", str(tmp_path / "nan.pth")), "non-finite")
+    # Garbled bytes that still parse as weights: accepted, but its measured accuracy is recorded and flagged.
+    models.save_checkpoint(models.create("resnet8", num_classes=10), tmp_path / "random.pth")
+    proc = run_main(capsys, *args, "--teacher-ckpt", str(tmp_path / "random.pth"))
+    assert proc.returncode == 0, proc.stderr
+    assert "kcd: warning: the teacher" in proc.stderr and "is it the right file?" in proc.stderr
+    record = json.loads(open(proc.stdout.strip().splitlines()[-1]).read())
+    assert record["teacher_accuracy"]["top1"] < 20.0
+
+
+def test_a_reused_run_says_when_it_was_trained(tmp_path, capsys, store, digits_teacher):
+    args = ["distill", "--dataset", "digits", "--teacher-ckpt", str(store.model_path(digits_teacher)),
+            "--teacher-arch", "resnet20", "--student", "resnet8", "--epochs", "1", "--runs-dir", str(tmp_path),
+            "--device", "cpu", "--no-progress"]  # fmt: skip
+    first = run_main(capsys, *args)
+    again = run_main(capsys, *args)
+    assert first.returncode == again.returncode == 0
+    folder = first.stdout.strip().splitlines()[-1].rsplit("/", 1)[0]
+    assert f"kcd: reused {folder} (trained 20" in again.stderr
