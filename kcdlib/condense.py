@@ -18,6 +18,12 @@ and a dropped point keeps its ``V`` and ``F``. The cost-aware value (the paper's
 
 and the ranking ``r`` (best first) is over all ``N`` points, so a point dropped earlier can come back.
 
+**Points never trained** (:func:`untrained_first`). Read literally, a point left out of the paper schedule's
+stage 1 (a random 5.8 % of the points) has ``F = 0``, so score 0, and ranks last at every condensation: it is
+never distilled. Its value is *unknown*, not low: by default (``untrained='first'``) such points rank ahead of
+every trained point at the next condensation, so every point is distilled at least once and the stage sizes stay
+those of Eq. 16. ``untrained='last'`` keeps the literal reading, for comparison.
+
 **Condensation schedule** (:func:`keep_schedule`). Stage ``t`` keeps ``⌊τ^t · N⌋`` points. The paper
 uses ``τ^t = ρ^{t·T/I}`` (``t = 1 … I/T``), of relative cost (Eq. 16)
 
@@ -61,11 +67,14 @@ __all__ = [
     "released_code_schedule",
     "schedule_computation",
     "summarize",
+    "untrained_first",
     "value_labels",
 ]
 
 SCHEDULE_KINDS = ("paper", "official")
 AUGMENTS = ("K1L", "K1H", "random", "none")
+# Where points never trained (F = 0) rank at a condensation: ahead of all others (ours), or last (score 0, literal).
+UNTRAINED_RULES = ("first", "last")
 
 # The released code divides by this constant instead of the run's I/T (kcd-method.md).
 RELEASED_CODE_STAGES = 6
@@ -353,6 +362,13 @@ class SummaryPlan:
     mix_ratios: torch.Tensor
 
 
+def untrained_first(ranking: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """``ranking`` with the points never trained (``F = 0``) moved ahead of all others, each group keeping its
+    order: a point whose value was never measured is not a point of low value."""
+    never = frequency.to(ranking.device)[ranking] == 0
+    return torch.cat([ranking[never], ranking[~never]])
+
+
 def summarize(
     record: ValueRecord,
     previous_size: int,
@@ -364,6 +380,7 @@ def summarize(
     eps_m: float = 0.7,
     seed: int = 0,
     ranking: torch.Tensor | None = None,
+    untrained: str = "first",
 ) -> SummaryPlan:
     """VAKS: condense from ``previous_size`` to ``new_size`` points by the global ranking and plan the
     knowledge augmentation.
@@ -386,6 +403,8 @@ def summarize(
     Ratios are computed on the CPU in float32 with the released code's operations, so they are its values.
 
     ``ranking`` replaces the record's value ranking (the ablation that condenses by a random ranking).
+    ``untrained``: ``'first'`` moves the points never trained ahead of the ranking (:func:`untrained_first`),
+    ``'last'`` leaves them where their score 0 puts them.
     """
     if not isinstance(record, ValueRecord):
         raise TypeError(f"summarize() needs a ValueRecord, got {type(record).__name__}")
@@ -402,8 +421,12 @@ def summarize(
     if not 0.0 <= eps_m <= 1.0:
         raise BadOption(f"eps_m must lie in [0, 1], got {eps_m}")
 
+    if untrained not in UNTRAINED_RULES:
+        raise BadOption(f"unknown rule for untrained points {untrained!r}; choose one of {', '.join(UNTRAINED_RULES)}")
     if ranking is None:
         ranking = record.ranking(alpha, stage_epochs)
+    if untrained == "first":
+        ranking = untrained_first(ranking, record.frequency)
     kept = ranking[:new_size]
     dropped = ranking[new_size:previous_size]
     pairs = min(previous_size - new_size, new_size)

@@ -99,7 +99,9 @@ class KCD(Method):
     (``K0``) into the weakest kept ones (``K1L``): VAKS. Options (paper defaults): ``rho`` 0.7, ``alpha``
     0.03, ``stage_epochs`` ``T`` (default ``I/6``: the paper's 40 of 240), ``schedule`` ``paper`` (Eq. 16) or
     ``official`` (the released code's), ``augment`` ``K1L``/``K1H``/``random``/``none``, ``eps_m`` 0.7,
-    ``value`` ``entropy`` or ``random`` (same schedule, random ranking: the ablation baseline).
+    ``value`` ``entropy`` or ``random`` (same schedule, random ranking: the ablation baseline), ``untrained``
+    ``first`` (points never trained rank ahead of all others at a condensation: every point is distilled at
+    least once) or ``last`` (their score 0 ranks them last: the paper read literally).
     """
 
     name = "kcd"
@@ -112,6 +114,7 @@ class KCD(Method):
         "augment": Option("K1L", str, choices=condense.AUGMENTS),
         "eps_m": Option(0.7, **between(0, 1)),
         "value": Option("entropy", str, choices=("entropy", "random")),
+        "untrained": Option("first", str, choices=condense.UNTRAINED_RULES),
     }
 
     @classmethod
@@ -169,7 +172,7 @@ class KCD(Method):
         plan = condense.summarize(
             self.values, previous, new, alpha=self.options["alpha"], stage_epochs=self.T,
             augment=self.options["augment"], eps_m=self.options["eps_m"], seed=self.context.seed + stage,
-            ranking=ranking,
+            ranking=ranking, untrained=self.options["untrained"],
         )  # fmt: skip
         if plan.mix_targets.numel() and images is not None:
             condense.apply_mix(images, _on(plan, images.device))

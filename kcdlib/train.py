@@ -189,6 +189,8 @@ class Trainer:
         # the dataset the user handed in stays as it was.
         self.images = data.train_images.clone() if self.method.modifies_images else None
         self.epoch = 0  # epochs completed
+        # Which knowledge points the teacher has seen at least once (a method may leave some out for good).
+        self.distilled = torch.zeros(data.num_train, dtype=torch.bool, device=data.device)
         self.points_distilled = 0
         self.points_trained = 0
         self.history: list[dict[str, Any]] = []
@@ -224,6 +226,7 @@ class Trainer:
                 x, y, idx = self.method.select((x, y, idx), self.student)
             if self.teacher is not None:
                 self.points_distilled += x.shape[0]
+                self.distilled[idx] = True
             loss, entropy, hits = step(x, y, idx)
             self.method.observe(idx, entropy)
             loss_sum += loss * x.shape[0]
@@ -321,6 +324,8 @@ class Trainer:
             "best_top1": max(top1) if top1 else None,
             "final_top5": self.history[-1]["top5"] if self.history else None,
             "points_distilled": n_t,
+            # Points the teacher never saw (KCD's untrained='last' leaves stage 1's left-outs out for good).
+            "never_distilled": None if self.teacher is None else int((~self.distilled).sum()),
             "points_trained": n_s2,
             "passes": {"N_t": n_t, "N_s1": n_s1, "N_s2": n_s2},
             "computation": computation,
@@ -353,6 +358,7 @@ class Trainer:
             "extra_student_forwards": self.method.extra_student_forwards,
             "images": self.images,
             "points_distilled": self.points_distilled,
+            "distilled": self.distilled.cpu(),
             "points_trained": self.points_trained,
             "history": self.history,
             "wall_seconds": self.wall_seconds,
@@ -368,6 +374,7 @@ class Trainer:
         if state.get("images") is not None:
             self.images = state["images"].to(self.data.device)
         self.points_distilled = state["points_distilled"]
+        self.distilled = state["distilled"].to(self.data.device)
         self.points_trained = state["points_trained"]
         self.history = state["history"]
         self.wall_seconds = state["wall_seconds"]
