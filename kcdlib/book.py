@@ -65,13 +65,17 @@ def build_book(
     jobs_per_device: int = 1,
     compile: str = "off",
     stale: str = "stop",
+    teachers_dir: str | None = None,
+    schedule: dict[str, int] | None = None,
 ) -> Path:
     """Execute the notebooks of ``profile`` into ``out/book/artefacts/`` and build ``out/_build/html``.
 
     ``out`` defaults to the checkout itself; another folder gets a copy of the book's sources first (the test
     suite builds into a temporary folder). Returns the HTML folder (or the artefacts folder without ``html``).
     ``jobs`` notebooks run at a time (their runs are shared safely: the run store locks each run); inside a
-    notebook, missing runs are trained ``jobs_per_device`` at a time on each of ``devices``.
+    notebook, missing runs are trained ``jobs_per_device`` at a time on each of ``devices``. ``teachers_dir``
+    holds published teachers; ``schedule`` overrides the profile's ``epochs``, ``stage_epochs`` and
+    ``teacher_epochs`` (a rehearsal of a long profile).
     """
     p = get_profile(profile)
     out = Path(out or REPO).resolve()
@@ -95,6 +99,8 @@ def build_book(
         "jobs_per_device": jobs_per_device,
         "compile_mode": compile,
         "stale": stale,
+        "teachers_dir": str(Path(teachers_dir).resolve()) if teachers_dir else None,
+        **(schedule or {}),
     }
     start = time.perf_counter()
 

@@ -17,6 +17,7 @@ from .distillers import DISTILLERS
 from .errors import BadOption, KcdError
 from .methods import METHODS
 from .options import device as resolve_device
+from .profiles import published_teachers
 from .runs import MAX_SEED, RunConfig, RunStore, distill_config, teacher_config
 from .train import COMPILE_MODES, PRECISIONS
 
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--teacher-epochs", type=at_least(1), help="epochs of the cached teacher run (default: the protocol)"
     )
+    d.add_argument("--teachers-dir", help="with --teacher: use RepDistiller's published checkpoint of that "
+                   "architecture (<arch>_vanilla/ckpt_epoch_240.pth) when the folder holds one")  # fmt: skip
     k = d.add_argument_group("KCD (--method kcd)")
     k.add_argument("--rho", type=float, help="final condensation ratio ρ (default 0.7)")
     k.add_argument("--alpha", type=float, help="cost-aware exponent α of (F/T)^α·V (default 0.03)")
@@ -140,12 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the profile's)")
     b.add_argument("--runs-dir", help="the run store (default: runs/ in the checkout)")
     b.add_argument("--skip-html", action="store_true", help="execute the notebooks only, do not build the HTML")
+    b.add_argument("--out", help="build the book in this folder (default: the checkout itself)")
     b.add_argument("--jobs", type=at_least(1), default=1, help="notebooks executed at a time (default 1)")
     b.add_argument("--devices", help="comma-separated devices to spread runs over, e.g. cuda:0,cuda:1")
     b.add_argument(
         "--jobs-per-device", type=at_least(1), default=1, help="runs trained at once on each device (default 1)"
     )
     b.add_argument("--compile", default="off", choices=COMPILE_MODES, help="how steps run (see kcd distill --help)")
+    b.add_argument("--teachers-dir", help="RepDistiller's published teachers (<arch>_vanilla/ckpt_epoch_240.pth), "
+                   "used wherever one exists instead of training the profile's own")  # fmt: skip
+    o = b.add_argument_group("a shorter schedule (a rehearsal of a long profile; every table still says it)")
+    o.add_argument("--epochs", type=at_least(1), help="epochs of every run (Table 3's too)")
+    o.add_argument("--stage-epochs", type=at_least(1), help="KCD's stage length T (epochs must be a multiple)")
+    o.add_argument("--teacher-epochs", type=at_least(1), help="epochs of the teachers trained here")
     add_stale(b)
     return parser
 
@@ -195,6 +205,14 @@ def config_from_args(args) -> RunConfig:
         distiller=args.distiller, distiller_options=distiller_options(args), method=args.method,
         method_options=method_options(args), epochs=args.epochs, seed=args.seed, precision=args.precision,
     )  # fmt: skip
+    if args.teachers_dir and not args.teacher:
+        raise BadOption("--teachers-dir goes with --teacher ARCH (which published teacher to look for)")
+    published = published_teachers(args.teachers_dir, [args.teacher]) if args.teachers_dir else {}
+    if args.teacher and args.teacher in published:
+        if args.teacher_epochs:
+            raise BadOption(f"--teacher-epochs is for a teacher trained here, and {published[args.teacher]} is a "
+                            "published one")  # fmt: skip
+        args.teacher_ckpt, args.teacher_arch, args.teacher = published[args.teacher], args.teacher, None
     if args.teacher:
         if args.teacher_arch:
             raise BadOption("--teacher-arch is for --teacher-ckpt; --teacher already names the architecture")
@@ -238,9 +256,11 @@ def run(args: argparse.Namespace) -> int:
 
             device = resolve_device(args.device) if args.device else None
             devices = [resolve_device(d) for d in args.devices.split(",")] if args.devices else None
+            schedule = {k: getattr(args, k) for k in ("epochs", "stage_epochs", "teacher_epochs") if getattr(args, k)}
             out = build_book(
                 args.profile, args.data_root, device, args.runs_dir, html=not args.skip_html, jobs=args.jobs,
                 devices=devices, jobs_per_device=args.jobs_per_device, compile=args.compile, stale=args.stale,
+                teachers_dir=args.teachers_dir, schedule=schedule, out=args.out,
             )  # fmt: skip
             print(out)
             return 0

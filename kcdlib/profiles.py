@@ -12,9 +12,11 @@ the paper's pairs; the short ones run stand-ins small enough for their machine, 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from .errors import UnknownName
+from .errors import DatasetMissing, UnknownName
 
 # The paper's Table-1 pairs (teacher/student, the RepDistiller model names).
 PAPER_TABLE1_PAIRS = (
@@ -66,6 +68,20 @@ class Profile:
     figure5_teachers: dict[str, str] = field(default_factory=dict)
     figure5_student: str = "resnet8"
     teacher_checkpoints: dict[str, str] = field(default_factory=dict)
+
+    def teacher_archs(self) -> set[str]:
+        """Every teacher architecture the profile's artefacts distil from."""
+        return {
+            self.run_pair(p)[0]
+            for p in (
+                *self.pairs,
+                *self.table1_pairs,
+                self.table2_pair,
+                self.table3_pair,
+                self.table4_pair,
+                *self.grid_pairs,
+            )
+        } | set(self.figure5_teachers.values())
 
     @property
     def stages(self) -> int:
@@ -162,6 +178,23 @@ PROFILES: dict[str, Profile] = {
         figure5_student="resnet8x4",
     ),
 }
+
+
+# Where RepDistiller (and the KCD authors, who distil from the same teachers) publish a teacher, under the folder
+# of its `save/models/`: e.g. `wrn_40_2_vanilla/ckpt_epoch_240.pth`.
+PUBLISHED_TEACHER = "{arch}_vanilla/ckpt_epoch_240.pth"
+
+
+def published_teachers(teachers_dir: str | os.PathLike | None, archs) -> dict[str, str]:
+    """The published teacher checkpoints found in ``teachers_dir`` for ``archs`` (architecture -> file)."""
+    if teachers_dir is None:
+        return {}
+    folder = Path(teachers_dir)
+    if not folder.is_dir():
+        raise DatasetMissing(f"the teachers folder '{folder}' does not exist: it should hold RepDistiller's "
+                             f"checkpoints as {PUBLISHED_TEACHER.format(arch='<arch>')}")  # fmt: skip
+    found = {arch: folder / PUBLISHED_TEACHER.format(arch=arch) for arch in archs}
+    return {arch: str(path) for arch, path in found.items() if path.is_file()}
 
 
 def get_profile(name: str | Profile) -> Profile:

@@ -27,7 +27,7 @@ import torch
 from . import condense, cost, models, options, reference
 from .errors import BadOption
 from .methods import METHODS
-from .profiles import Profile, get_profile, split_pair
+from .profiles import Profile, get_profile, published_teachers, split_pair
 from .runs import MAX_SEED, RunConfig, RunStore, atomic_write, distill_config, teacher_config
 from .train import COMPILE_MODES
 
@@ -115,11 +115,15 @@ def setup(
     jobs_per_device: int = 1,
     compile: str = "off",
     stale: str = "stop",
+    teachers_dir: str | None = None,
     **knobs: Any,
 ) -> tuple[Profile, RunStore]:
     """A notebook's first call: the profile with the notebook's parameters applied (``None`` keeps the
     profile's value) and the run store. ``devices`` and ``jobs_per_device`` let :func:`ensure` train missing
-    runs several at a time. Every parameter is checked here, with the command line's rules, before any run."""
+    runs several at a time; ``teachers_dir`` holds published teachers (RepDistiller's names), used wherever one
+    exists instead of training the profile's own. ``epochs``, ``stage_epochs`` and ``teacher_epochs`` shorten a
+    profile (a rehearsal), Table 3's schedule with it. Every parameter is checked here, with the command line's
+    rules, before any run."""
     p = get_profile(profile)
     for name, value in (("runs_dir", runs_dir), ("data_root", data_root)):
         if not isinstance(value, str | Path):
@@ -136,18 +140,38 @@ def setup(
     for name, value in knobs.items():
         if value is None:
             continue
+        if not hasattr(p, name):
+            raise BadOption(f"unknown parameter {name}")
         current = getattr(p, name)
         if isinstance(current, tuple):
-            value = tuple(_list_of(name, value, lambda v, c=current: isinstance(v, type(c[0])) if c else True,
+            value = tuple(_list_of(name, value, lambda v, c=current: _like(v, c[0]) if c else True,
                                    f"values like {current[:2]}"))  # fmt: skip
-        elif not isinstance(value, type(current)):
+        elif not _like(value, current):
             raise BadOption(f"parameter {name} must be like {current!r}, got {value!r}")
+        elif isinstance(value, int) and value < 1:
+            raise BadOption(f"parameter {name} must be at least 1, got {value}")
         changes[name] = value
+    if "epochs" in changes and p.table3_epochs:
+        changes.update(table3_epochs=changes["epochs"], table3_stage_epochs=changes.get("stage_epochs"))
     p = p.with_options(seeds=tuple(seeds) if seeds else None, **changes)
+    if p.epochs % p.stage_epochs:
+        raise BadOption(f"parameter epochs ({p.epochs}) must be a multiple of stage_epochs ({p.stage_epochs})")
+    published = published_teachers(teachers_dir, p.teacher_archs())
+    if published:
+        p = p.with_options(teacher_checkpoints={**p.teacher_checkpoints, **published})
     store = RunStore(runs_dir, data_root, options.device(device or p.device), compile, stale)
     store.devices = devices or [str(store.device)]
     store.jobs_per_device = jobs_per_device
     return p, store
+
+
+def _like(value: Any, example: Any) -> bool:
+    """``value`` has the type of ``example`` (an int stands for a float; a bool is no number)."""
+    if isinstance(value, bool) or isinstance(example, bool):
+        return isinstance(value, bool) and isinstance(example, bool)
+    if isinstance(example, float):
+        return isinstance(value, int | float) and math.isfinite(value)
+    return isinstance(value, type(example))
 
 
 def _list_of(name: str, value: Any, ok, what: str) -> list | None:
@@ -250,27 +274,52 @@ def _paper(value: Any) -> str:
     return "–" if value is None or pd.isna(value) else f"{float(value):.2f}"
 
 
+NOT_RUN = "not run"  # a cell of the paper's table that this profile does not run (the captions say so)
+
+
 def _caption(
     title: str,
     profile: Profile,
     pairs: Iterable[str],
     dataset: str | None = None,
     paper_note: str = "paper: as published (CIFAR-100)",
+    teachers: str = "",
+    epochs: tuple[int, int] | None = None,
 ) -> str:
     shown = [f"{p} → {'/'.join(profile.run_pair(p))}" if profile.pairs.get(p, p) != p else p for p in pairs]
     seeds = ", ".join(map(str, profile.seeds))
     many = " (mean ± sd over seeds)" if len(profile.seeds) > 1 else ""
     other = f" Dataset: {dataset}." if dataset and dataset != profile.dataset else ""
+    epochs, stage = epochs or (profile.epochs, profile.stage_epochs)
     return (
-        f"{title}. Profile '{profile.name}' ({profile.description}).{other} "
-        f"Pairs (paper → run): {'; '.join(shown)}. Seeds: {seeds}. Ours: last-epoch top-1 %{many}; "
-        f"{paper_note}. C: counted computation relative to KD."
+        f"{title}. Profile '{profile.name}' ({profile.description}); this build: {epochs} epochs, KCD stages of "
+        f"{stage}.{other} Pairs run (paper → run): {'; '.join(shown) or 'none'}. Seeds: {seeds}. Ours: top-1 % "
+        f"at the last epoch / at the best epoch{many}; the paper most likely printed the best epoch (the released "
+        f"KCD script reports the best test accuracy; RepDistiller, whose baselines it quotes, the last). "
+        f"{paper_note}; '{NOT_RUN}': not run on this profile. C: counted computation relative to KD.{teachers}"
     )
 
 
 def _cell(store: RunStore, configs: Sequence[RunConfig], key: str = "final_top1") -> tuple[float, float, str]:
+    """The mean and sd of ``key`` over the runs, and the text of the cell: last / best epoch for top-1."""
     mean, sd = _mean_sd(_values(store, configs, key))
-    return mean, sd, _fmt(mean, sd)
+    if key != "final_top1":
+        return mean, sd, _fmt(mean, sd)
+    best, best_sd = _mean_sd(_values(store, configs, "best_top1"))
+    return mean, sd, f"{_fmt(mean, sd)} / {_fmt(best, best_sd)}"
+
+
+def _teachers(store: RunStore, configs: Iterable[RunConfig]) -> str:
+    """Which teachers the runs distilled from, each with the accuracy measured here when it was used."""
+    seen: dict[str, str] = {}
+    for cfg in configs:
+        if cfg.kind != "distill" or cfg.teacher_arch in seen:
+            continue
+        rec = store.record(cfg) or {}
+        acc = (rec.get("teacher_accuracy") or {}).get("top1")
+        where = "a published checkpoint" if cfg.teacher is None else "trained here"
+        seen[cfg.teacher_arch] = f"{cfg.teacher_arch}, {where}" + ("" if acc is None else f" ({acc:.2f} % top-1)")
+    return f" Teachers (top-1 measured here): {'; '.join(seen.values())}." if seen else ""
 
 
 # Table 1 ----------------------------------------------------------------------------------------------------
@@ -291,33 +340,42 @@ def table1_runs(profile: Profile | str) -> list[RunConfig]:
 
 
 def table1(store: RunStore, profile: Profile | str) -> Table:
-    """Table 1: KD, PKT, CRD and their KC- versions over the profile's pairs, ours beside the paper's."""
+    """Table 1: the paper's whole table (every method and pair it prints), ours beside it where this profile ran
+    the cell: KD, PKT, CRD and their KC- versions, the teacher and the student trained alone."""
     p = get_profile(profile)
     paper = reference.paper_table1()
     rows, cells = [], {}
-    for pair in p.table1_pairs:
+    run_cfgs = []
+    for pair in dict.fromkeys([*paper.columns, *p.table1_pairs]):
+        ran = pair in p.table1_pairs
         teacher, student = p.run_pair(pair)
-        entries = [("Teacher", [teacher_run(p, teacher)]), ("Student", [student_run(p, student, s) for s in p.seeds])]
-        for d in p.table1_distillers:
-            for m in ("kd", "kcd"):
-                label = ("KC-" if m == "kcd" else "") + _DISTILLER_LABEL[d]
-                entries.append((label, [distill(p, pair, distiller=d, method=m, seed=s) for s in p.seeds]))
-        for label, cfgs in entries:
+        entries = {}
+        if ran:
+            entries = {"Teacher": [teacher_run(p, teacher)], "Student": [student_run(p, student, s) for s in p.seeds]}
+            for d in p.table1_distillers:
+                for m in ("kd", "kcd"):
+                    label = ("KC-" if m == "kcd" else "") + _DISTILLER_LABEL[d]
+                    entries[label] = [distill(p, pair, distiller=d, method=m, seed=s) for s in p.seeds]
+        for label in dict.fromkeys([*paper.index, *entries]):
+            ref = paper.loc[label, pair] if label in paper.index and pair in paper.columns else None
+            cells[(label, (pair, "paper"))] = _paper(ref)
+            cfgs = entries.get(label)
+            if cfgs is None:
+                cells[(label, (pair, "ours"))] = NOT_RUN
+                continue
+            run_cfgs += cfgs
             mean, sd, text = _cell(store, cfgs)
             c = statistics.fmean(_values(store, cfgs, "computation")) if label not in ("Teacher", "Student") else None
-            ref = paper.loc[label, pair] if label in paper.index and pair in paper.columns else None
             rows.append({"pair": pair, "run_pair": f"{teacher}/{student}", "method": label, "ours": mean,
-                         "ours_sd": sd, "paper": None if ref is None or pd.isna(ref) else float(ref),
-                         "computation": c})  # fmt: skip
-            cells[(label, (pair, "paper"))] = _paper(ref)
+                         "ours_sd": sd, "ours_best": _mean_sd(_values(store, cfgs, "best_top1"))[0],
+                         "paper": None if ref is None or pd.isna(ref) else float(ref), "computation": c})  # fmt: skip
             cells[(label, (pair, "ours"))] = text
     data = pd.DataFrame(rows)
-    order = list(dict.fromkeys(data["method"]))
-    frame = pd.DataFrame.from_dict(cells, orient="index")
-    frame = pd.Series(cells).unstack()
-    frame = frame.reindex(order)
+    order = list(dict.fromkeys(label for label, _ in cells))
+    frame = pd.Series(cells).unstack().reindex(order)
     frame.columns = pd.MultiIndex.from_tuples(frame.columns)
-    frame = frame[[(pair, k) for pair in p.table1_pairs for k in ("paper", "ours")]]
+    pairs = list(dict.fromkeys([*paper.columns, *p.table1_pairs]))
+    frame = frame[[(pair, k) for pair in pairs for k in ("paper", "ours")]]
     comp = data.dropna(subset=["computation"]).groupby("method", sort=False)["computation"].mean()
     frame[("", "C (counted)")] = [f"{100 * comp[m]:.1f} %" if m in comp else "" for m in frame.index]
     frame.index.name = "method"
@@ -329,7 +387,8 @@ def table1(store: RunStore, profile: Profile | str) -> Table:
         gains[f"{d}_gain"] = float((kc - base).mean())
         gains[f"{d}_wins"] = int((kc > base).sum())
     key = {**gains, "pairs": len(p.table1_pairs), "kcd_computation": 100 * float(comp.get("KC-KD", float("nan")))}
-    caption = _caption("Table 1: top-1 accuracy of KD, PKT, CRD and their KCD versions", p, p.table1_pairs)
+    caption = _caption("Table 1: top-1 accuracy of KD, PKT, CRD and their KCD versions (the paper's whole table)",
+                       p, p.table1_pairs, teachers=_teachers(store, run_cfgs))  # fmt: skip
     return Table("table1", caption, frame, data, key)
 
 
@@ -345,52 +404,64 @@ def table2_runs(profile: Profile | str) -> list[RunConfig]:
 
 
 def table2(store: RunStore, profile: Profile | str) -> Table:
-    """Table 2: KD, UNIX as published, UNIX re-run at KCD's computation (k from Eq. 19), and KC-KD."""
+    """Table 2: KD, UNIX as published, UNIX re-run at KCD's computation (k from Eq. 19), and KC-KD, for every pair
+    UNIX published; ours where this profile ran the pair."""
     p = get_profile(profile)
-    pair = p.table2_pair
-    teacher, student = p.run_pair(pair)
-    pt, ps = split_pair(pair)
     published = reference.unix_published()
-    pub = published[(published.teacher == pt) & (published.student == ps)]
-    pub = pub.iloc[0] if len(pub) else None
     paper1 = reference.paper_table1()
-    k = unix_k(p, pair)
-    ratio = fs_over_ft(teacher, student, p.dataset)
-    entries = [
-        ("KD", [distill(p, pair, seed=s) for s in p.seeds], 1.0,
-         None if pub is None else pub.kd_acc),
-        ("UNIX (published, k=48)", None, None if pub is None else pub.unix_computation_pct / 100,
-         None if pub is None else pub.unix_acc),
-        (f"UNIX (re-run, k={k})", [distill(p, pair, method="unix", k=k, seed=s) for s in p.seeds],
-         cost.unix_computation(k, 64, ratio), None),
-        ("KC-KD", [distill(p, pair, method="kcd", seed=s) for s in p.seeds], kcd_computation(p),
-         paper1.loc["KC-KD", pair] if pair in paper1.columns else None),
-    ]  # fmt: skip
-    rows, display = [], []
-    for label, cfgs, formula, ref in entries:
-        if cfgs is None:
+    run_pair = p.table2_pair
+    published_pairs = [f"{t}/{s}" for t, s in zip(published.teacher, published.student)]
+    rows, display, key = [], [], {}
+    for pair in dict.fromkeys([*published_pairs, run_pair]):
+        pt, ps = split_pair(pair)
+        pub = published[(published.teacher == pt) & (published.student == ps)]
+        pub = pub.iloc[0] if len(pub) else None
+        ran = pair == run_pair
+        k = unix_k(p, pair) if ran else None
+        ratio = fs_over_ft(*p.run_pair(pair), p.dataset) if ran else None
+        runs = {"KD": {}, "UNIX (re-run at KCD's C)": {"method": "unix", "k": k}, "KC-KD": {"method": "kcd"}}
+        cfgs = {label: [distill(p, pair, seed=s, **o) for s in p.seeds] if ran else None for label, o in runs.items()}
+        entries = [
+            ("KD", cfgs["KD"], 1.0, None if pub is None else pub.kd_acc),
+            ("UNIX (published, k=48)", None, None if pub is None else pub.unix_computation_pct / 100,
+             None if pub is None else pub.unix_acc),
+            ("UNIX (re-run at KCD's C)", cfgs["UNIX (re-run at KCD's C)"],
+             cost.unix_computation(k, 64, ratio) if ran else None, None),
+            ("KC-KD", cfgs["KC-KD"], kcd_computation(p) if ran else None,
+             paper1.loc["KC-KD", pair] if pair in paper1.columns else None),
+        ]  # fmt: skip
+        for label, cfgs, formula, ref in entries:
             mean = sd = counted = float("nan")
-            text, counted_text = "(not re-run)", "–"
-        else:
-            mean, sd, text = _cell(store, cfgs)
-            counted = statistics.fmean(_values(store, cfgs, "computation"))
-            counted_text = f"{100 * counted:.1f} %"
-        rows.append({"method": label, "ours": mean, "ours_sd": sd, "paper": ref, "formula": formula,
-                     "computation": counted})  # fmt: skip
-        display.append({
-            "method": label, "top-1 published": _paper(ref), "top-1 ours": text,
-            "C (formula)": "–" if formula is None else f"{100 * formula:.1f} %", "C (counted)": counted_text,
-        })  # fmt: skip
-    frame = pd.DataFrame(display).set_index("method")
+            if label.startswith("UNIX (published"):
+                text, counted_text = "(published only)", "–"
+            elif not ran:
+                text, counted_text = NOT_RUN, "–"
+            else:
+                mean, sd, text = _cell(store, cfgs)
+                counted = statistics.fmean(_values(store, cfgs, "computation"))
+                counted_text = f"{100 * counted:.1f} %"
+            if ran:
+                key[label] = {"ours": mean, "computation": counted}
+            rows.append({"pair": pair, "method": label, "ours": mean, "ours_sd": sd, "paper": ref,
+                         "formula": formula, "computation": counted})  # fmt: skip
+            display.append({
+                "pair": pair, "method": label if not (ran and label.startswith("UNIX (re-run")) else
+                f"UNIX (re-run, k={k})", "top-1 published": _paper(ref), "top-1 ours": text,
+                "C (formula)": "–" if formula is None else f"{100 * formula:.1f} %", "C (counted)": counted_text,
+            })  # fmt: skip
+    frame = pd.DataFrame(display).set_index(["pair", "method"])
     data = pd.DataFrame(rows)
+    k, ratio = unix_k(p, run_pair), fs_over_ft(*p.run_pair(run_pair), p.dataset)
     caption = _caption(
-        f"Table 2: KD, UNIX and KC-KD at matched computation; UNIX's k={k} makes its Eq. 19 cost equal KCD's C "
-        f"(Fs/Ft={ratio:.3f} counted for the pair run); published numbers: UNIX's official README and Table 1",
-        p, [pair],
+        f"Table 2: KD, UNIX and KC-KD at matched computation, for every pair UNIX published; re-run: UNIX's "
+        f"k={k} makes its Eq. 19 cost equal KCD's C (Fs/Ft={ratio:.3f} counted for the pair run); published "
+        "numbers: UNIX's official README and the paper's Table 1",
+        p, [run_pair], teachers=_teachers(store, [distill(p, run_pair, seed=s) for s in p.seeds]),
     )  # fmt: skip
-    key = {"unix_k": k, "kd_top1": rows[0]["ours"], "unix_top1": rows[2]["ours"], "kcd_top1": rows[3]["ours"],
-           "unix_computation": 100 * rows[2]["computation"],
-           "kcd_computation": 100 * rows[3]["computation"]}  # fmt: skip
+    unix = key["UNIX (re-run at KCD's C)"]
+    key = {"unix_k": k, "kd_top1": key["KD"]["ours"], "unix_top1": unix["ours"], "kcd_top1": key["KC-KD"]["ours"],
+           "unix_computation": 100 * unix["computation"],
+           "kcd_computation": 100 * key["KC-KD"]["computation"]}  # fmt: skip
     return Table("table2", caption, frame, data, key)
 
 
@@ -435,6 +506,8 @@ def table3(store: RunStore, profile: Profile | str) -> Table:
            if p.table3_dataset == "imagenet" else ")"),
         p, [p.table3_pair], p.table3_dataset,
         paper_note="paper: the absolute computation it quotes for ImageNet",
+        teachers=_teachers(store, table3_runs(p)),
+        epochs=(p.table3_epochs or p.epochs, p.table3_stage_epochs or p.stage_epochs),
     )  # fmt: skip
     key = {"kd_points": rows[0]["points_distilled"], "kcd_points": rows[1]["points_distilled"],
            "ratio": 100 * rows[1]["points_distilled"] / rows[0]["points_distilled"],
@@ -453,6 +526,7 @@ TABLE4_ROWS = (
     ("+ cost-aware factor (α=0.03), no augmentation", "kcd", {"augment": "none"}),
     ("+ knowledge augmentation K1L = full KCD (paper schedule)", "kcd", {}),
     ("full KCD, released code's schedule", "kcd", {"schedule": "official"}),
+    ("full KCD, untrained points ranked last (the paper read literally)", "kcd", {"untrained": "last"}),
 )
 
 
@@ -472,27 +546,34 @@ def table4(store: RunStore, profile: Profile | str) -> Table:
         mean, sd, text = _cell(store, cfgs)
         counted = statistics.fmean(_values(store, cfgs, "computation"))
         formula = statistics.fmean(_values(store, cfgs, "computation_formula"))
+        never = statistics.fmean(_values(store, cfgs, "never_distilled"))
         ref = None
         if pair in paper1.columns and label.startswith(("KD", "+ knowledge")):
             ref = paper1.loc["KD" if m == "kd" else "KC-KD", pair]
-        rows.append({"row": label, "ours": mean, "ours_sd": sd, "computation": counted, "formula": formula})
+        rows.append({"row": label, "ours": mean, "ours_sd": sd, "computation": counted, "formula": formula,
+                     "never_distilled": never})  # fmt: skip
         display.append({"variant": label, "top-1 paper (Table 1)": _paper(ref), "top-1 ours": text,
-                        "C (formula)": f"{100 * formula:.1f} %", "C (counted)": f"{100 * counted:.1f} %"})  # fmt: skip
+                        "C (formula)": f"{100 * formula:.1f} %", "C (counted)": f"{100 * counted:.1f} %",
+                        "never distilled": f"{never:.0f}"})  # fmt: skip
     frame = pd.DataFrame(display).set_index("variant")
     data = pd.DataFrame(rows)
     caption = _caption(
         "Table 4 (our reconstruction: the supplement does not print the main paper's Table 4): KCD's components "
-        "added one at a time, and the paper's keep schedule (Eq. 16) against the released code's", p, [pair],
+        "added one at a time, the paper's keep schedule (Eq. 16) against the released code's, and our rule for "
+        "points never trained against the literal reading", p, [pair], teachers=_teachers(store, table4_runs(p)),
     )  # fmt: skip
     key = {"kd_top1": rows[0]["ours"], "random_top1": rows[1]["ours"], "alpha0_top1": rows[2]["ours"],
            "noaug_top1": rows[3]["ours"], "kcd_top1": rows[4]["ours"], "official_top1": rows[5]["ours"],
            "kcd_computation": 100 * rows[4]["computation"], "kcd_formula": 100 * rows[4]["formula"],
-           "official_computation": 100 * rows[5]["computation"]}  # fmt: skip
+           "official_computation": 100 * rows[5]["computation"], "kcd_never": rows[4]["never_distilled"],
+           "literal_top1": rows[6]["ours"], "literal_never": rows[6]["never_distilled"]}  # fmt: skip
     # The paper's own setting (CIFAR-100: N = 50,000, I = 240, T = 40, ρ = 0.7), computed, not typed in: the
     # schedule of Eq. 16, and the released code's schedule replayed with its arithmetic.
     released = condense.released_code_schedule(50000, 240, 40, KCD_RHO)
     key["paper_setting_formula"] = 100 * condense.schedule_computation("paper", 240, 40, KCD_RHO)
     key["paper_setting_released"] = 100 * released.computation
+    # Read literally, the paper schedule never distils the points its random stage 1 leaves out.
+    key["paper_setting_never_literal"] = 50000 - condense.keep_schedule("paper", 50000, 240, 40, KCD_RHO)[0]
     key["released_crash_condensation"] = condense.released_code_schedule(50000, 240, 30, KCD_RHO).crashes_at
     return Table("table4", caption, frame, data, key)
 
@@ -518,37 +599,63 @@ def grid_runs(profile: Profile | str, table: int) -> list[RunConfig]:
 
 
 def grid(store: RunStore, profile: Profile | str, table: int) -> Table:
-    """Tables 5 (α), 6 (ρ) and 7 (augmentation): KC-KD with one setting varied, the others at the paper's."""
+    """Tables 5 (α), 6 (ρ) and 7 (augmentation): KC-KD with one setting varied, the others at the paper's. The
+    paper's whole table (every setting and pair it prints), ours where this profile ran the cell."""
     p = get_profile(profile)
     option, symbol, knob = GRIDS[table]
     paper = reference.paper_tables5to7()
     paper = paper[paper.table == table]
-    rows, cells = [], {}
-    for v in getattr(p, knob):
+    paper_pairs = [c for c in paper.columns if "/" in c]
+    # The paper's settings as our option values (Table 7 prints names; AUGMENT_LABELS maps ours to them).
+    by_label = {label: value for value, label in AUGMENT_LABELS.items()}
+    paper_values = [by_label.get(v, v) if option == "augment" else float(v) for v in paper.value]
+    ran_values = list(getattr(p, knob))
+    rows, cells, run_cfgs = [], {}, []
+    for v in _unique_values([*paper_values, *ran_values]):
         label = AUGMENT_LABELS[v] if option == "augment" else f"{symbol} = {v:g}"
         key_value = AUGMENT_LABELS[v] if option == "augment" else f"{float(v):g}"
         ref_row = paper[paper.value.map(lambda x: x if option == "augment" else f"{float(x):g}") == key_value]
-        for pair in p.grid_pairs:
+        for pair in dict.fromkeys([*paper_pairs, *p.grid_pairs]):
+            ref = ref_row[pair].iloc[0] if len(ref_row) and pair in ref_row else None
+            cells[(label, (pair, "paper"))] = _paper(ref)
+            if pair not in p.grid_pairs or not any(_same(v, r) for r in ran_values):
+                cells[(label, (pair, "ours"))] = NOT_RUN
+                cells[(label, (pair, "C (counted)"))] = "–"
+                continue
             cfgs = [distill(p, pair, method="kcd", seed=s, **{option: v}) for s in p.seeds]
+            run_cfgs += cfgs
             mean, sd, text = _cell(store, cfgs)
             counted = statistics.fmean(_values(store, cfgs, "computation"))
-            ref = ref_row[pair].iloc[0] if len(ref_row) and pair in ref_row else None
             rows.append({"setting": v, "pair": pair, "ours": mean, "ours_sd": sd, "paper": ref, "computation": counted})
-            cells[(label, (pair, "paper"))] = _paper(ref)
             cells[(label, (pair, "ours"))] = text
             cells[(label, (pair, "C (counted)"))] = f"{100 * counted:.1f} %"
     frame = pd.Series(cells).unstack()
     frame = frame.reindex(list(dict.fromkeys(label for label, _ in cells)))
     frame.columns = pd.MultiIndex.from_tuples(frame.columns)
-    frame = frame[[(pair, k) for pair in p.grid_pairs for k in ("paper", "ours", "C (counted)")]]
+    pairs = list(dict.fromkeys([*paper_pairs, *p.grid_pairs]))
+    frame = frame[[(pair, k) for pair in pairs for k in ("paper", "ours", "C (counted)")]]
     frame.index.name = symbol
     data = pd.DataFrame(rows)
     best = data.groupby("setting", sort=False)["ours"].mean()
     title = {5: "Table 5: the cost-aware exponent α", 6: "Table 6: the final keep-ratio ρ",
              7: "Table 7: knowledge augmentation variants"}[table]  # fmt: skip
-    caption = _caption(f"{title} (KC-KD; other settings as in the paper: α=0.03, ρ=0.7, K1L)", p, p.grid_pairs)
+    caption = _caption(f"{title} (KC-KD; other settings as in the paper: α=0.03, ρ=0.7, K1L)", p, p.grid_pairs,
+                       teachers=_teachers(store, run_cfgs))  # fmt: skip
     key = {"best": str(best.idxmax()), "spread": float(best.max() - best.min())}
     return Table(f"table{table}", caption, frame, data, key)
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a == b if isinstance(a, str) or isinstance(b, str) else math.isclose(float(a), float(b))
+
+
+def _unique_values(values: Iterable[Any]) -> list[Any]:
+    """The settings in order, each once (0.7 and 0.70 are one setting)."""
+    out: list[Any] = []
+    for v in values:
+        if not any(_same(v, u) for u in out):
+            out.append(v)
+    return out
 
 
 def table5_runs(profile):

@@ -19,14 +19,20 @@ seeds = None           # None: the profile's seeds; e.g. [0, 1, 2] for mean ± s
 devices = None         # e.g. ["cuda:0", "cuda:1"]: spread the missing runs over these devices
 jobs_per_device = 1    # runs at once on each device (small CIFAR networks leave a GPU mostly idle)
 compile_mode = "off"   # "reduce-overhead": torch.compile with CUDA graphs (fastest on a GPU)
-stale = "stop"         # a record of these options made on other data or code: "stop", "rerun" or "keep"'''
+stale = "stop"         # a record of these options made on other data or code: "stop", "rerun" or "keep"
+teachers_dir = None    # RepDistiller's published teachers (<arch>_vanilla/ckpt_epoch_240.pth), used where present
+epochs = None          # None: the profile's; a rehearsal shortens the schedule (with stage_epochs, teacher_epochs)
+stage_epochs = None
+teacher_epochs = None'''
 
 SETUP = '''from myst_nb import glue
 
 from kcdlib import report
 
 p, store = report.setup(profile, runs_dir, data_root, device, seeds=seeds, devices=devices,
-                        jobs_per_device=jobs_per_device, compile=compile_mode, stale=stale{knobs})
+                        jobs_per_device=jobs_per_device, compile=compile_mode, stale=stale,
+                        teachers_dir=teachers_dir, epochs=epochs, stage_epochs=stage_epochs,
+                        teacher_epochs=teacher_epochs{knobs})
 print(p.description)'''
 
 
