@@ -44,7 +44,7 @@ import torch
 from . import NUMERICS_VERSION, __version__, cost, distillers, methods, models
 from . import data as datasets
 from .errors import BadOption, CheckpointError, Diverged, StaleRun, StoreError, UnknownName
-from .train import PRECISIONS, Recipe, Trainer, default_recipe, evaluate
+from .train import PRECISIONS, Recipe, Trainer, default_recipe, evaluate, first_nonfinite
 
 # Seeds feed torch.manual_seed and the epoch generators: 31 bits keep every derived seed in range.
 MAX_SEED = 2**31 - 1
@@ -401,14 +401,6 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def finite_weights(model: torch.nn.Module) -> str | None:
-    """The name of the first tensor of ``model``'s state with a non-finite value, or None."""
-    for name, t in model.state_dict().items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return name
-    return None
-
-
 # -- the store -------------------------------------------------------------------------------------------------
 class RunStore:
     """Runs under ``root``, one folder per run identity.
@@ -571,7 +563,7 @@ class RunStore:
             raise CheckpointError(f"the teacher checkpoint '{source}' changed since this run was configured")
         num_classes = self.dataset(cfg.dataset).num_classes
         teacher = models.load_checkpoint(cfg.teacher_arch, source, num_classes=num_classes).to(self.device).eval()
-        if (bad := finite_weights(teacher)) is not None:
+        if (bad := first_nonfinite(teacher.state_dict())) is not None:
             raise CheckpointError(f"the teacher checkpoint '{source}' holds non-finite weights (in '{bad}')")
         for p in teacher.parameters():
             p.requires_grad_(False)

@@ -91,6 +91,14 @@ def default_recipe(dataset: str, arch: str, epochs: int | None = None) -> Recipe
     return Recipe(epochs or 240, lr=lr)
 
 
+def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
 def forward(model: nn.Module, x: torch.Tensor, features: bool):
     """``(feats, logits)`` when ``features`` else ``(None, logits)``."""
     if features:
@@ -282,9 +290,9 @@ class Trainer:
         """Stop a run whose loss or weights are no longer finite: its accuracy would be chance, recorded as if it
         were a result. Checked once an epoch, before the epoch is checkpointed."""
         bad = None if math.isfinite(loss) else f"the training loss is {loss}"
-        for name, t in [*self.student.state_dict().items(), *self.distiller.state_dict().items()]:
-            if bad is None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                bad = f"'{name}' holds non-finite values"
+        name = first_nonfinite({**self.student.state_dict(), **self.distiller.state_dict()})
+        if bad is None and name is not None:
+            bad = f"'{name}' holds non-finite values"
         if bad is not None:
             raise Diverged(f"the run diverged in epoch {epoch}: {bad}. Nothing is recorded; the checkpoints of the "
                            "epochs before it are kept. Try a smaller learning rate or other loss weights.")  # fmt: skip
