@@ -25,6 +25,7 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -381,7 +382,9 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+@functools.cache
 def git_commit() -> str | None:
+    """The checkout's commit when this process first asked (the code it loaded), or None outside a checkout."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
@@ -428,6 +431,8 @@ class RunStore:
         self._datasets: dict[str, Any] = {}
         self._fingerprints: dict[str, dict[str, Any]] = {}
         self._warned: set[str] = set()
+        # Per run folder being trained: images version -> the file this process wrote or verified for it.
+        self._images_files: dict[Path, dict[int, str]] = {}
 
     # -- identity --------------------------------------------------------------------------------------------
     def fingerprint(self, dataset: str) -> dict[str, Any]:
@@ -507,6 +512,7 @@ class RunStore:
         log = log or (lambda message: None)
         self._check_root()
         if (rec := self.record(cfg)) is not None:
+            _sweep(self.path(cfg))  # what a process killed right after writing the record left behind
             log(f"reused {self.path(cfg)} (trained {rec.get('finished', 'earlier')})")
             return rec
         stale = self.stale_records(cfg)
@@ -623,6 +629,7 @@ class RunStore:
         run_hash = run_dir.name
         for leftover in run_dir.glob(".*.tmp"):  # writes a killed process left half done
             leftover.unlink(missing_ok=True)
+        self._images_files[run_dir] = {}
         if (run_dir / "record.json").exists():  # here only when damaged: keep it for a look, out of the way
             os.replace(run_dir / "record.json", run_dir / "record.json.damaged")
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
@@ -654,8 +661,7 @@ class RunStore:
         }
         record = sealed(record)
         write_json(run_dir / "record.json", record)
-        for leftover in [*run_dir.glob("checkpoint-*.pt"), *run_dir.glob("images-*.pt"), run_dir / "owner.json"]:
-            leftover.unlink(missing_ok=True)
+        _sweep(run_dir)
         return record
 
     # -- checkpoints -----------------------------------------------------------------------------------------
@@ -669,14 +675,14 @@ class RunStore:
         state["run"] = run_dir.name
         if images is not None:
             # The run's own images change only at condensations: each version is stored once, beside the
-            # checkpoints, instead of in every epoch's checkpoint.
-            existing = sorted(run_dir.glob(f"images-v{version}-*.pt"))
-            if existing:
-                state["images_file"] = existing[0].name
-            else:
+            # checkpoints, instead of in every epoch's checkpoint. Only a file this process wrote or verified is
+            # referenced again: one left by another process may hold other pixels.
+            known = self._images_files.setdefault(run_dir, {})
+            if version not in known or not (run_dir / known[version]).exists():
                 data = tensor_bytes(images.cpu())
-                state["images_file"] = f"images-v{version}-{sha16(data)}.pt"
-                atomic_write(run_dir / state["images_file"], data)
+                known[version] = f"images-v{version}-{sha16(data)}.pt"
+                atomic_write(run_dir / known[version], data)
+            state["images_file"] = known[version]
         data = tensor_bytes(state)
         atomic_write(run_dir / f"checkpoint-e{trainer.epoch:06d}-v{version}-{sha16(data)}.pt", data)
         kept = sorted(run_dir.glob("checkpoint-e*.pt"), reverse=True)
@@ -711,12 +717,31 @@ class RunStore:
         if not isinstance(state, dict) or state.get("run") != run_dir.name:
             raise Damaged("it belongs to another run")
         if state.get("images_file"):
-            state["images"] = _verified_tensors(run_dir / state["images_file"], self.device)
+            images = run_dir / state["images_file"]
+            try:
+                state["images"] = _verified_tensors(images, self.device)
+            except Damaged:
+                images.unlink(missing_ok=True)
+                raise
+            self._images_files.setdefault(run_dir, {})[int(_version_of(images)[1:])] = images.name
         return state
 
 
 def _version_of(path: Path) -> str:
     return next((part for part in path.stem.split("-") if part.startswith("v")), "")
+
+
+# The files a trainer writes (through temporary files named ".<name>.<pid>.tmp").
+TRAINER_WRITES = ("checkpoint-", "images-", "model.pt", "record.json", "config.json", "owner.json")
+
+
+def _sweep(run_dir: Path) -> None:
+    """Remove what only an unfinished run needs: checkpoints, image snapshots, their half-written temporary files
+    and the owner note (not other temporary files: a reader may be writing a cache beside a finished run)."""
+    trainer_files = ("checkpoint-*.pt", "images-*.pt", "owner.json", *(f".{name}*.tmp" for name in TRAINER_WRITES))
+    for pattern in trainer_files:
+        for leftover in run_dir.glob(pattern):
+            leftover.unlink(missing_ok=True)
 
 
 def _verified_tensors(path: Path, device: torch.device) -> Any:

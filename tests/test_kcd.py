@@ -1,15 +1,8 @@
-"""KCD and UNIX in the engine, on digits: counted computation, condensation, augmentation, resume, options."""
-
-import json
-import shutil
-import signal
-import subprocess
-import sys
-import time
+"""KCD and UNIX in the engine, on digits: counted computation, condensation, augmentation, options."""
 
 import pytest
 import torch
-from conftest import CHILD_ENV, STUDENT, TEACHER_EPOCHS, run_cli, short_kd
+from conftest import STUDENT, short_kd
 
 from kcdlib import condense, cost, models
 from kcdlib.errors import BadOption
@@ -83,51 +76,6 @@ def test_bad_kcd_options_are_refused_before_any_training(tmp_path, digits_teache
     with pytest.raises(BadOption, match="multiple"):
         empty.ensure(kcd(digits_teacher, epochs=10, stage_epochs=4), progress=False)
     assert not list(tmp_path.glob("*/record.json")), "a teacher was trained before the options were checked"
-
-
-def kill_and_resume(store, teacher, cfg, args, tmp_path, kill_at_epoch: int):
-    """Run ``kcd ARGS`` (the run ``cfg``) twice, each in its own store holding a copy of ``teacher``'s run:
-    uninterrupted, and killed with SIGKILL once its checkpoint has reached ``kill_at_epoch``, then run again.
-
-    The two first runs go side by side (one thread each). Returns the uninterrupted record, the resumed one and
-    the resuming process.
-    """
-    dirs = {name: tmp_path / name for name in ("clean", "killed")}
-    for d in dirs.values():
-        shutil.copytree(store.path(teacher), d / teacher.hash)
-    procs = {name: subprocess.Popen([sys.executable, "-m", "kcdlib", *args, "--runs-dir", str(d)], env=CHILD_ENV)
-             for name, d in dirs.items()}  # fmt: skip
-    ckpt = dirs["killed"] / cfg.hash / "checkpoint.pt"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if ckpt.exists() and torch.load(ckpt, weights_only=False)["epoch"] >= kill_at_epoch:
-            break
-        time.sleep(0.05)
-    procs["killed"].send_signal(signal.SIGKILL)
-    procs["killed"].wait()
-    assert procs["clean"].wait() == 0
-    assert not (dirs["killed"] / cfg.hash / "record.json").exists(), "the run finished before it could be killed"
-    resumed = run_cli(*args, "--runs-dir", str(dirs["killed"]))
-    assert resumed.returncode == 0, resumed.stderr
-    records = [json.loads((d / cfg.hash / "record.json").read_text()) for d in dirs.values()]
-    return records[0], records[1], resumed
-
-
-def test_killed_kcd_run_resumes_to_the_same_record(store, digits_teacher, tmp_path):
-    args = ["distill", "--dataset", "digits", "--teacher", digits_teacher.arch, "--teacher-epochs",
-            str(TEACHER_EPOCHS), "--student", STUDENT, "--epochs", "4", "--method", "kcd", "--stage-epochs", "1",
-            "--seed", "4", "--device", "cpu", "--no-progress"]  # fmt: skip
-    cfg = short_kd(digits_teacher, epochs=4, method="kcd", method_options={"stage_epochs": 1}, seed=4)
-    # The most stateful run there is (value record, condensed set, mixed images), killed past two condensations:
-    # everything must come back from the checkpoint.
-    clean, resumed, done = kill_and_resume(store, digits_teacher, cfg, args, tmp_path, kill_at_epoch=3)
-    assert done.stdout.strip().splitlines()[-1].endswith(f"{cfg.hash}/record.json")
-    for rec in (clean, resumed):
-        rec.pop("wall_seconds")
-        for row in rec["epochs"]:
-            row.pop("seconds")
-    assert resumed == clean
-    assert not list((tmp_path / "killed" / cfg.hash).glob("images-*.pt")), "image snapshots left behind"
 
 
 def test_unix_counts_its_passes_as_eq17(store, digits_teacher):
