@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--epochs", type=at_least(1), help="epochs of every run (Table 3's too)")
     o.add_argument("--stage-epochs", type=at_least(1), help="KCD's stage length T (epochs must be a multiple)")
     o.add_argument("--teacher-epochs", type=at_least(1), help="epochs of the teachers trained here")
+    b.add_argument("--plan", action="store_true", help="train nothing: list the runs the book needs, which the run "
+                   "store holds, and their estimated device time (a few steps timed on --device)")  # fmt: skip
     add_stale(b)
     return parser
 
@@ -257,6 +259,12 @@ def run(args: argparse.Namespace) -> int:
             device = resolve_device(args.device) if args.device else None
             devices = [resolve_device(d) for d in args.devices.split(",")] if args.devices else None
             schedule = {k: getattr(args, k) for k in ("epochs", "stage_epochs", "teacher_epochs") if getattr(args, k)}
+            if args.plan:
+                from .plan import plan_command
+
+                print(plan_command(args.profile, args.data_root, args.runs_dir, device, devices,
+                                   args.jobs_per_device, args.teachers_dir, schedule))  # fmt: skip
+                return 0
             out = build_book(
                 args.profile, args.data_root, device, args.runs_dir, html=not args.skip_html, jobs=args.jobs,
                 devices=devices, jobs_per_device=args.jobs_per_device, compile=args.compile, stale=args.stale,

@@ -5,7 +5,7 @@ and, for every paper pair ``teacher/student`` the book shows, the pair it actual
 the paper's pairs; the short ones run stand-ins small enough for their machine, and every table says so.
 
 - ``smoke`` (default): digits on the CPU, stand-in pairs, 12 epochs of 2 (six stages); the whole book in minutes.
-- ``course``: CIFAR-100 on one GPU, a few representative pairs, 60 epochs of 10.
+- ``course``: CIFAR-100 on one GPU in about an hour, two pairs (KD and CRD in Table 1), 30 epochs of 5.
 - ``paper``: CIFAR-100 with the paper's pairs and hyperparameters (240 epochs of 40), ImageNet for Table 3.
 - ``tiny``: the test suite's profile: every notebook runs in seconds (numbers mean nothing).
 """
@@ -146,19 +146,33 @@ PROFILES: dict[str, Profile] = {
         figure5_teachers={"resnet56": "resnet20"},
     ),
     "course": Profile(
+        # Sized to fit a class: at most an hour on one H200 with 4 runs at a time (kcd book --jobs-per-device 4),
+        # by kcdlib.plan.h200_estimate, an EXTRAPOLATION from the one H200 measurement recorded in
+        # benchmarks/README.md ("Measured figures", log benchmarks/results/gpu_check_h200_2026-11-28.log):
+        # resnet32x4 -> resnet8x4 KD, fp32 eager, batch 64, a 50,000-image epoch in 7.08 s (7,063 images/s,
+        # `bench_epoch.py --mode engine --steps 0`), and four concurrent runs at 18,592 images/s against 6,275 for
+        # one (2.96x, efficiency 0.74); other pairs scaled by multiply-adds or layers, whichever is slower. At 60
+        # epochs and four pairs x three distillers it was 49 runs, 2,940 epochs, about 7.8 h one after another.
+        # Now: 27 runs, 810 epochs, about 1.7 h one after another, 34 min with 4 jobs if every slot stayed busy,
+        # about 59 min as kcd book schedules them (notebook by notebook, teachers first): `kcd book --profile
+        # course --plan` prints it; on the GPU machine it times the steps there.
         name="course",
-        description="CIFAR-100 on one GPU, four representative pairs, 60 epochs in six stages of 10",
+        description="CIFAR-100 on one GPU in about an hour: two pairs, KD and CRD in Table 1, 30 epochs in six "
+        "stages of 5",
         dataset="cifar100",
         device="cuda",
-        epochs=60,
-        stage_epochs=10,
-        teacher_epochs=60,
+        epochs=30,
+        stage_epochs=5,
+        teacher_epochs=30,
         seeds=(0,),
-        pairs={"ResNet34/ResNet18": "resnet56/resnet20"},
-        table1_pairs=("wrn_40_2/wrn_16_2", "resnet56/resnet20", "resnet32x4/resnet8x4", "vgg13/MobileNetV2"),
+        # Table 3's ImageNet pair stands in as Table 1's resnet32x4/resnet8x4: its runs are Table 1's.
+        pairs={"ResNet34/ResNet18": "resnet32x4/resnet8x4"},
+        table1_pairs=("wrn_40_2/wrn_16_2", "resnet32x4/resnet8x4"),
+        table1_distillers=("kd", "crd"),
         table3_dataset="cifar100",
         grid_pairs=("wrn_40_2/wrn_16_2",),
-        figure5_teachers={t: t for t in PAPER_FIGURE5_TEACHERS},
+        # Two of Figure 5's four teachers, both already trained for Table 1.
+        figure5_teachers={"wrn_40_2": "wrn_40_2", "resnet32x4": "resnet32x4"},
         figure5_student="resnet8x4",
     ),
     "paper": Profile(

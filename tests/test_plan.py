@@ -1,0 +1,106 @@
+"""`kcd book --plan`: every run the book needs, which the store holds, how long the rest will take; nothing trained."""
+
+import pytest
+import torch
+
+from kcdlib import cli, plan, report
+from kcdlib.profiles import get_profile
+from kcdlib.runs import RunStore
+
+
+def fake_timer(dataset, teacher, student, distiller, batch, device, options, **kw):
+    """A step cost without timing anything: the plan's logic, fast and deterministic."""
+    return plan.StepCost(step=1e-3, student_forward=3e-4, evaluate=1e-4, batch=batch)
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    """A store holding one finished run of the tiny book: the student trained alone (resnet8, 3 epochs)."""
+    store = RunStore(tmp_path_factory.mktemp("plan-runs"), device="cpu")
+    cfg = report.student_run(get_profile("tiny"), "resnet8")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two OpenMP threads on a shared 2-core machine spin against other processes
+    try:
+        store.ensure(cfg, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return store, cfg
+
+
+def test_tiny_plan_lists_the_book_runs_and_marks_the_stored_one(tiny_store):
+    store, done = tiny_store
+    frame = plan.plan("tiny", store, timer=fake_timer)
+    runs = report.all_runs("tiny")
+    assert list(frame.options_hash) == [c.options_hash for c in runs]
+    assert dict(zip(frame.options_hash, frame.status)) == {
+        c.options_hash: "done" if c == done else "missing" for c in runs
+    }
+    assert (frame.est_s > 0).all() and (frame.h200_s > 0).all()
+    kcd = frame[(frame.method == "kcd") & (frame.options == "stage_epochs=1")].iloc[0]
+    assert kcd["points %"] == pytest.approx(100 * report.kcd_computation(get_profile("tiny")), abs=1)
+    text = plan.format_plan(frame)
+    assert "10 runs: 1 done, 9 missing" in text
+    # The runs still to train exclude the stored one; all of them include it.
+    assert frame.attrs["to_train_s"] == pytest.approx(frame.est_s[frame.status != "done"].sum())
+    assert frame.attrs["all_s"] == pytest.approx(frame.est_s.sum())
+
+
+def test_cli_plan_times_steps_and_trains_nothing(tiny_store, capsys):
+    """`kcd book --profile tiny --plan` (the command line's entry point, in this process: a child process would
+    import torch again), with the real timer: steps timed, nothing written to the store."""
+    store, done = tiny_store
+    before = sorted(p.relative_to(store.root) for p in store.root.rglob("*"))
+    assert cli.main(["book", "--profile", "tiny", "--plan", "--runs-dir", str(store.root), "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    total = [line for line in lines if line.startswith("total: ")]
+    assert len(total) == 1 and total[0].startswith("total: 9 of 10 runs to train"), captured.out
+    assert "10 runs: 1 done, 9 missing" in captured.out
+    assert "timing 4 teacher/student/distiller combinations on cpu" in captured.err
+    row = next(line for line in lines if line.split()[:1] == ["2"])  # the stored run: resnet8 alone
+    assert row.split()[1:4] == ["done", "teacher", "resnet8"]
+    assert sorted(p.relative_to(store.root) for p in store.root.rglob("*")) == before  # nothing written
+
+
+def test_missing_dataset_gives_unknown_status_not_a_traceback(tmp_path, monkeypatch, capsys):
+    store = RunStore(tmp_path / "runs", "/nonexistent", "cpu")
+    frame = plan.plan("course", store, timer=fake_timer)
+    assert set(frame.status) == {"unknown"} and len(frame) == len(report.all_runs("course"))
+    assert "store status unknown: dataset not found" in plan.format_plan(frame)
+    # The command line, in this process, with the same stand-in timer (the real one is exercised above).
+    monkeypatch.setattr(plan, "time_steps", fake_timer)
+    args = ["book", "--profile", "course", "--plan", "--data-root", "/nonexistent", "--device", "cpu",
+            "--runs-dir", str(tmp_path / "runs")]  # fmt: skip
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "store status unknown: dataset not found" in out and "\ntotal: " in out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_schedule_overrides_and_jobs_reach_the_plan(tmp_path):
+    store = RunStore(tmp_path / "runs", "/nonexistent", "cpu")
+    frame = plan.plan("course", store, epochs=12, stage_epochs=2, teacher_epochs=6, jobs_per_device=4,
+                      timer=fake_timer)  # fmt: skip
+    assert set(frame.epochs) == {12, 6}
+    assert frame.attrs["jobs_per_device"] == 4
+    assert frame.attrs["scheduled_s"] == pytest.approx(frame.attrs["to_train_s"])  # a CPU gains nothing
+
+
+def test_course_fits_an_hour_on_one_h200_with_four_jobs():
+    estimate = plan.h200_estimate("course", jobs_per_device=4)
+    assert estimate["runs"] == len(plan.with_teachers(report.all_runs("course")))
+    assert estimate["wall_s"] <= 3600  # every slot busy: device time / (4 x 0.74)
+    assert estimate["scheduled_s"] <= 3600  # notebook by notebook, teachers first, as kcd book runs them
+    assert estimate["wall_s"] == pytest.approx(estimate["device_s"] / plan.concurrency_speedup(4))
+
+
+def test_concurrency_model():
+    assert plan.concurrency_speedup(1) == 1.0
+    assert plan.efficiency(4) == pytest.approx(0.74, abs=0.01)
+    assert plan.concurrency_speedup(8) == plan.concurrency_speedup(4)  # not measured beyond four
+    assert plan.concurrency_speedup(4, "cpu") == 1.0
+    speed = plan.concurrency_speedup
+    assert plan.simulate_wall([[[10.0] * 4]], 1, 1, speed) == pytest.approx(40)
+    assert plan.simulate_wall([[[10.0] * 4]], 1, 4, speed) == pytest.approx(40 / speed(4))
+    # Phases run one after another: a lone teacher first gains nothing from the other slots.
+    assert plan.simulate_wall([[[10.0], [10.0] * 4]], 1, 4, speed) == pytest.approx(10 + 40 / speed(4))
