@@ -151,3 +151,8 @@ def test_a_missing_teachers_dir_is_one_line(tmp_path, capsys):
         ]
     )
     assert code == 2 and "teachers folder" in capsys.readouterr().err
+
+
+def test_the_teaching_notebook_honours_its_seeds_parameter(tmp_path):
+    p, _ = report.setup("tiny", str(tmp_path), seeds=[3])
+    assert {cfg.seed for cfg in report.five_minutes_runs(p)} == {3}
