@@ -19,6 +19,7 @@ root changed.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import functools
 import hashlib
@@ -194,6 +195,8 @@ _CIFAR100_GLOBALS = {
     ("numpy", "dtype"): np.dtype,
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    # Python 3 writes bytes in protocol 2 as _codecs.encode(text, "latin1"): a text codec, no code of the file's.
+    ("_codecs", "encode"): codecs.encode,
 }
 
 

@@ -8,8 +8,10 @@ file lock keeps two workers from training the same run. Teachers are ensured bef
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -20,8 +22,18 @@ from .runs import RunConfig, RunStore
 _store: RunStore | None = None
 
 
+def _die_with_parent() -> None:
+    """A worker must not train on when the process that started it is gone (kcd book killed, a notebook's kernel
+    stopped): Linux sends it SIGTERM then (PR_SET_PDEATHSIG). Elsewhere nothing is set."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _init_worker(slots, runs_dir: str, data_root: str, threads: int, compile: str, stale: str) -> None:
     global _store
+    _die_with_parent()
     torch.set_num_threads(threads)
     _store = RunStore(runs_dir, data_root, slots.get(), compile, stale)
 

@@ -155,8 +155,9 @@ def setup(
     if "epochs" in changes and p.table3_epochs:
         changes.update(table3_epochs=changes["epochs"], table3_stage_epochs=changes.get("stage_epochs"))
     p = p.with_options(seeds=tuple(seeds) if seeds else None, **changes)
-    if p.epochs % p.stage_epochs:
-        raise BadOption(f"parameter epochs ({p.epochs}) must be a multiple of stage_epochs ({p.stage_epochs})")
+    if p.epochs % p.stage_epochs or p.epochs < 2 * p.stage_epochs:
+        raise BadOption(f"parameter epochs ({p.epochs}) must be a multiple of stage_epochs ({p.stage_epochs}), with "
+                        "at least two stages: the book shows KCD condensing")  # fmt: skip
     published = published_teachers(teachers_dir, p.teacher_archs())
     if published:
         p = p.with_options(teacher_checkpoints={**p.teacher_checkpoints, **published})

@@ -145,6 +145,8 @@ def test_rerun_trains_nothing(tiny_book, runs_dir):
         ({"grid_pairs": "wrn_40_2/wrn_16_2"}, "must be a list"),
         ({"rhos": [0.7, "x"]}, "parameter rhos"),
         ({"profile": "huge"}, "unknown profile"),
+        ({"epochs": 1, "stage_epochs": 1}, "at least two stages"),
+        ({"epochs": 4, "stage_epochs": 3}, "multiple of stage_epochs"),
     ],
 )
 def test_notebook_parameters_are_checked_before_any_run(tmp_path, parameters, needle):

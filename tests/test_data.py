@@ -437,3 +437,13 @@ def test_imagenet_in_the_readme_layout(tmp_path, monkeypatch, capsys):
     assert json.loads((tmp_path / "imagenet" / ".kcd-fingerprint.json").read_text())["fingerprint"] == changed
     monkeypatch.setattr(data_module, "_sha256_file", lambda path: pytest.fail("recomputed"))
     assert fingerprint("imagenet", str(tmp_path)) == changed
+
+
+def test_cifar100_written_by_python3_in_protocol_2_loads(tmp_path):
+    """Python 3 pickles bytes in protocol 2 through _codecs.encode: admitted, it runs no code of the file's."""
+    entry = {b"data": np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072), b"fine_labels": [1, 99],
+             b"filenames": [b"a.png", b"b.png"]}  # fmt: skip
+    path = tmp_path / "train"
+    path.write_bytes(pickle.dumps(entry, protocol=2))
+    images, labels = read_cifar100_split(str(path))
+    assert images.shape == (2, 3, 32, 32) and labels.tolist() == [1, 99]
