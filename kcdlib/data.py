@@ -20,21 +20,21 @@ root changed.
 from __future__ import annotations
 
 import codecs
-import contextlib
 import functools
 import hashlib
 import json
 import os
 import pickle
-import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import files
 from .errors import DatasetInvalid, DatasetMissing, UnknownName
 
 try:
@@ -608,18 +608,5 @@ def _read_fingerprint_cache(path: str, name: str, key: dict) -> dict | None:
 
 
 def _write_json_atomic(path: str, obj: dict) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    folder = os.path.dirname(path) or "."
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # Created 0o644 less the umask, like any file the user writes: a group sharing the data can read the cache.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """The cache file, whole or not at all, readable by a group sharing the data (:mod:`kcdlib.files`)."""
+    files.atomic_write(Path(path), (json.dumps(obj, indent=1) + "\n").encode())

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UnknownName
-from .options import Option, between, canonical, non_negative, positive
+from .options import Option, between, canonical, check_name, non_negative, positive
 
 
 @dataclass(frozen=True)
@@ -45,19 +44,14 @@ def register(name: str):
     return add
 
 
-def check_name(name: str) -> None:
-    if name not in DISTILLERS:
-        raise UnknownName(f"unknown distiller '{name}'; known distillers: {', '.join(sorted(DISTILLERS))}")
-
-
 def canonical_options(name: str, options: dict | None) -> dict:
     """Every option of distiller ``name``, defaults filled in, checked (the form the run identity hashes)."""
-    check_name(name)
+    check_name("distiller", name, DISTILLERS)
     return canonical(f"distiller '{name}'", DISTILLERS[name].option_specs, options)
 
 
 def build(name: str, context: DistillContext) -> Distiller:
-    check_name(name)
+    check_name("distiller", name, DISTILLERS)
     return DISTILLERS[name](context)
 
 

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from . import condense
-from .errors import BadOption, UnknownName
-from .options import Option, between, canonical, non_negative, positive
+from .errors import BadOption
+from .options import Option, between, canonical, check_name, non_negative, positive
 
 
 @dataclass
@@ -272,17 +272,12 @@ class UNIX(Method):
 METHODS: dict[str, type[Method]] = {"kd": Method, "kcd": KCD, "unix": UNIX}
 
 
-def check_name(name: str) -> None:
-    if name not in METHODS:
-        raise UnknownName(f"unknown method '{name}'; known methods: {', '.join(sorted(METHODS))}")
-
-
 def canonical_options(name: str, options: dict[str, Any] | None, epochs: int, batch_size: int) -> dict[str, Any]:
     """Every option of method ``name`` for a run of ``epochs`` in batches of ``batch_size``, defaults filled in."""
-    check_name(name)
+    check_name("method", name, METHODS)
     return METHODS[name].canonical_options(options, epochs, batch_size)
 
 
 def build(name: str, context: MethodContext) -> Method:
-    check_name(name)
+    check_name("method", name, METHODS)
     return METHODS[name](context)

@@ -31,7 +31,6 @@ import io
 import json
 import os
 import platform
-import signal
 import socket
 import subprocess
 import warnings
@@ -42,9 +41,10 @@ from typing import Any
 
 import torch
 
-from . import NUMERICS_VERSION, __version__, cost, distillers, methods, models
+from . import NUMERICS_VERSION, __version__, cost, distillers, files, methods, models
 from . import data as datasets
-from .errors import BadOption, CheckpointError, Diverged, StaleRun, StoreError, UnknownName
+from .errors import BadOption, CheckpointError, Diverged, StaleRun, StoreError
+from .options import check_name
 from .train import PRECISIONS, Recipe, Trainer, default_recipe, evaluate, first_nonfinite
 
 # Seeds feed torch.manual_seed and the epoch generators: 31 bits keep every derived seed in range.
@@ -141,11 +141,6 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def check_name(kind: str, name: str, known) -> None:
-    if name not in known:
-        raise UnknownName(f"unknown {kind} '{name}'; known {kind}s: {', '.join(sorted(known))}")
-
-
 def teacher_config(
     dataset: str, arch: str, seed: int = 0, epochs: int | None = None, precision: str = "fp32"
 ) -> RunConfig:
@@ -186,7 +181,7 @@ def distill_config(
         if teacher_arch is not None and teacher_arch != teacher.arch:
             raise BadOption(f"teacher_arch '{teacher_arch}' contradicts the teacher run's '{teacher.arch}'")
         teacher_arch = teacher.arch
-    methods.check_name(method)
+    check_name("method", method, methods.METHODS)
     # A method whose loss is not plain KD (UNIX: KD alone) brings its own distiller.
     method_loss = methods.METHODS[method].loss
     if method_loss is not None and distiller == "kd":
@@ -220,24 +215,6 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 # -- files -----------------------------------------------------------------------------------------------------
-def _umask() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
-
-
-# Store files get the mode a plain open() would give them (group-readable under the usual umask), not mkstemp's
-# 0600: a store on a shared disk is shared.
-FILE_MODE = 0o666 & ~_umask()
-
-
 def store_error(path: Path, err: OSError) -> StoreError:
     """One clear line for what the environment refused."""
     hints = {
@@ -253,47 +230,12 @@ def store_error(path: Path, err: OSError) -> StoreError:
     return StoreError(f"cannot write '{path}': {hint}")
 
 
-# Fault injection for the kill-and-resume tests: with KCD_KILL_AT="<point>:<n>" the process kills itself with
-# SIGKILL the n-th time it passes <point>: "write:<file kind>" (a temporary file written, not yet renamed),
-# "wrote:<file kind>" (renamed) or "epoch" (an epoch trained, not yet checkpointed). Unset, it costs nothing.
-_KILL_AT = os.environ.get("KCD_KILL_AT", "")
-_passes: dict[str, int] = {}
-
-
-def failpoint(point: str) -> None:
-    if not _KILL_AT:
-        return
-    _passes[point] = _passes.get(point, 0) + 1
-    name, _, count = _KILL_AT.rpartition(":")
-    if name == point and str(_passes[point]) == count:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _kind(path: Path) -> str:
-    return path.name.split("-")[0].split(".")[0]
-
-
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` through a temporary file in the same folder, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """:func:`kcdlib.files.atomic_write`, with what the environment refused as one clear line."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        failpoint(f"write:{_kind(path)}")
-        os.replace(tmp, path)
-        failpoint(f"wrote:{_kind(path)}")
+        files.atomic_write(path, data)
     except OSError as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise store_error(path, err) from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def tensor_bytes(obj: Any) -> bytes:
@@ -638,7 +580,7 @@ class RunStore:
         write_json(run_dir / "config.json", {"hash": run_hash, "options_hash": cfg.options_hash, "identity": identity})
         trainer = self._resume(cfg, run_dir, progress)
         teacher = self._teacher_quality(trainer, cfg)
-        trainer.run(on_epoch_end=lambda t: (failpoint("epoch"), self._save(t, run_dir)))
+        trainer.run(on_epoch_end=lambda t: (files.failpoint("epoch"), self._save(t, run_dir)))
         model = tensor_bytes({"model": trainer.student.state_dict()})
         atomic_write(run_dir / "model.pt", model)
         record = {

@@ -317,7 +317,7 @@ def test_cifar100_fingerprint_is_cached_beside_the_data_for_its_key(tmp_path, mo
     fp = fingerprint("cifar100", root)
     cache = folder / ".kcd-fingerprint.json"
     assert json.loads(cache.read_text())["fingerprint"] == fp
-    assert cache.stat().st_mode & 0o777 == 0o644 & ~umask
+    assert cache.stat().st_mode & 0o777 == 0o666 & ~umask
     assert [p.name for p in folder.iterdir() if p.name.endswith(".tmp")] == []
 
     def no_hashing(*args):
