@@ -429,6 +429,7 @@ class RunStore:
         if not self.root.is_dir():
             return []
         here = self.identity(cfg)
+        own = digest(here)
         found = []
         for folder in sorted(self.root.iterdir()):
             try:
@@ -437,7 +438,7 @@ class RunStore:
                 continue
             if not isinstance(config, dict) or config.get("options_hash") != cfg.options_hash:
                 continue
-            if folder.name == self.run_hash(cfg) or not (folder / "record.json").exists():
+            if folder.name == own or not (folder / "record.json").exists():
                 continue
             try:
                 record = read_record(folder / "record.json")
@@ -457,7 +458,8 @@ class RunStore:
             _sweep(self.path(cfg))  # what a process killed right after writing the record left behind
             log(f"reused {self.path(cfg)} (trained {rec.get('finished', 'earlier')})")
             return rec
-        stale = self.stale_records(cfg)
+        # --rerun trains whatever the store holds: no need to look for stale records.
+        stale = [] if self.stale == "rerun" else self.stale_records(cfg)
         if stale and self.stale == "stop":
             lines = [f"{folder} (trained {rec.get('finished', 'earlier')}) {why}" for folder, rec, why in stale]
             raise StaleRun(

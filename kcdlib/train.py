@@ -92,11 +92,14 @@ def default_recipe(dataset: str, arch: str, epochs: int | None = None) -> Recipe
 
 
 def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first floating-point tensor holding a NaN or an infinity, or None."""
-    for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return name
-    return None
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None.
+
+    One host synchronisation for all of them (a check per tensor would wait for the device hundreds of times)."""
+    floats = [(name, t) for name, t in tensors.items() if t.is_floating_point()]
+    if not floats:
+        return None
+    finite = torch.stack([torch.isfinite(t).all() for _, t in floats]).cpu()
+    return next((name for (name, _), ok in zip(floats, finite.tolist()) if not ok), None)
 
 
 def forward(model: nn.Module, x: torch.Tensor, features: bool):
