@@ -15,11 +15,11 @@ import warnings
 from . import models
 from .distillers import DISTILLERS
 from .errors import BadOption, KcdError
+from .fastpath import COMPILE_MODES, PRECISIONS
 from .methods import METHODS
 from .options import device as resolve_device
 from .profiles import published_teachers
 from .runs import MAX_SEED, RunConfig, RunStore, distill_config, teacher_config
-from .train import COMPILE_MODES, PRECISIONS
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130

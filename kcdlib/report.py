@@ -26,10 +26,10 @@ import torch
 
 from . import condense, cost, models, options, reference
 from .errors import BadOption
+from .fastpath import COMPILE_MODES
 from .methods import METHODS
 from .profiles import Profile, get_profile, published_teachers, split_pair
 from .runs import MAX_SEED, RunConfig, RunStore, atomic_write, distill_config, teacher_config
-from .train import COMPILE_MODES
 
 # (number of classes, image side) of each dataset, for counting multiply-adds without loading the data.
 DATASET_SHAPES = {"digits": (10, 16), "cifar100": (100, 32), "imagenet": (1000, 224)}

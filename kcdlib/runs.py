@@ -44,8 +44,9 @@ import torch
 from . import NUMERICS_VERSION, __version__, cost, distillers, files, methods, models
 from . import data as datasets
 from .errors import BadOption, CheckpointError, Diverged, StaleRun, StoreError
+from .fastpath import PRECISIONS
 from .options import check_name
-from .train import PRECISIONS, Recipe, Trainer, default_recipe, evaluate, first_nonfinite
+from .train import Recipe, Trainer, default_recipe, evaluate, first_nonfinite
 
 # Seeds feed torch.manual_seed and the epoch generators: 31 bits keep every derived seed in range.
 MAX_SEED = 2**31 - 1
