@@ -25,14 +25,14 @@ import pandas as pd
 import torch
 
 from . import condense, cost, models, options, reference
+from . import data as datasets
 from .errors import BadOption
 from .fastpath import COMPILE_MODES
 from .methods import METHODS
 from .profiles import Profile, get_profile, published_teachers, split_pair
+from .released import released_code_schedule
 from .runs import MAX_SEED, RunConfig, RunStore, atomic_write, distill_config, teacher_config
 
-# (number of classes, image side) of each dataset, for counting multiply-adds without loading the data.
-DATASET_SHAPES = {"digits": (10, 16), "cifar100": (100, 32), "imagenet": (1000, 224)}
 # Table 3's absolute computation as the paper quotes it (ImageNet: 1.26M points x 90 epochs for KD).
 PAPER_IMAGENET_CA = {"KD": 114e6, "KC-KD": 81e6}
 # The paper's final keep-ratio ρ: the KCD method's default, defined there.
@@ -87,8 +87,8 @@ def distill(profile: Profile, paper_pair: str, **kw: Any) -> RunConfig:
 
 def fs_over_ft(teacher: str, student: str, dataset: str) -> float:
     """Student/teacher forward multiply-adds at the dataset's image size (UNIX's Fs/Ft), counted."""
-    classes, side = DATASET_SHAPES[dataset]
-    size = (3, side, side)
+    spec = datasets.spec(dataset)
+    classes, size = spec.num_classes, (3, spec.image_size, spec.image_size)
     return cost.forward_macs(models.create(student, classes), size) / cost.forward_macs(
         models.create(teacher, classes), size
     )
@@ -573,12 +573,12 @@ def table4(store: RunStore, profile: Profile | str) -> Table:
            "literal_top1": rows[6]["ours"], "literal_never": rows[6]["never_distilled"]}  # fmt: skip
     # The paper's own setting (CIFAR-100: N = 50,000, I = 240, T = 40, ρ = 0.7), computed, not typed in: the
     # schedule of Eq. 16, and the released code's schedule replayed with its arithmetic.
-    released = condense.released_code_schedule(50000, 240, 40, KCD_RHO)
+    released = released_code_schedule(50000, 240, 40, KCD_RHO)
     key["paper_setting_formula"] = 100 * condense.schedule_computation("paper", 240, 40, KCD_RHO)
     key["paper_setting_released"] = 100 * released.computation
     # Read literally, the paper schedule never distils the points its random stage 1 leaves out.
     key["paper_setting_never_literal"] = 50000 - condense.keep_schedule("paper", 50000, 240, 40, KCD_RHO)[0]
-    key["released_crash_condensation"] = condense.released_code_schedule(50000, 240, 30, KCD_RHO).crashes_at
+    key["released_crash_condensation"] = released_code_schedule(50000, 240, 30, KCD_RHO).crashes_at
     return Table("table4", caption, frame, data, key)
 
 

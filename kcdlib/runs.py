@@ -46,7 +46,8 @@ from . import data as datasets
 from .errors import BadOption, CheckpointError, Diverged, StaleRun, StoreError
 from .fastpath import PRECISIONS
 from .options import check_name
-from .train import Recipe, Trainer, default_recipe, evaluate, first_nonfinite
+from .recipe import Recipe
+from .train import Trainer, evaluate, first_nonfinite
 
 # Seeds feed torch.manual_seed and the epoch generators: 31 bits keep every derived seed in range.
 MAX_SEED = 2**31 - 1
@@ -148,7 +149,7 @@ def teacher_config(
     """A teacher trained with cross-entropy and the dataset's default recipe."""
     check_name("dataset", dataset, datasets.DATASETS)
     return RunConfig(
-        dataset=dataset, arch=arch, recipe=default_recipe(dataset, arch, epochs), seed=seed, precision=precision
+        dataset=dataset, arch=arch, recipe=datasets.spec(dataset).recipe(arch, epochs), seed=seed, precision=precision
     )
 
 
@@ -190,7 +191,7 @@ def distill_config(
     return RunConfig(
         dataset=dataset,
         arch=student,
-        recipe=default_recipe(dataset, student, epochs),
+        recipe=datasets.spec(dataset).recipe(student, epochs),
         seed=seed,
         distiller=distiller,
         distiller_options=_items(distiller_options or {}),

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import Any
 
@@ -32,63 +31,7 @@ from .distillers import Distiller
 from .errors import Diverged
 from .fastpath import FastPath, fp32
 from .methods import Method
-from .options import Option, between, canonical, non_negative, normalize, positive
-
-# Architectures that RepDistiller trains with lr 0.01 instead of 0.05.
-LOW_LR_ARCHS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Optimisation schedule. ``milestones`` are fractions of ``epochs`` after which lr is multiplied by
-    ``lr_decay`` (paper: 150/240, 180/240, 210/240, so a shorter run keeps the same shape)."""
-
-    epochs: int
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    milestones: tuple[float, ...] = (150 / 240, 180 / 240, 210 / 240)
-    lr_decay: float = 0.1
-
-    def __post_init__(self):
-        # Normalised and checked here, so a recipe has one spelling (``0.05`` and ``5e-2``, ``1`` and ``1.0``).
-        o = canonical("recipe", RECIPE_OPTIONS, {k: getattr(self, k) for k in RECIPE_OPTIONS})
-        o["milestones"] = tuple(normalize("recipe", "milestone", MILESTONE, m) for m in self.milestones)
-        for name, value in o.items():
-            object.__setattr__(self, name, value)
-
-    def lr_at(self, epoch: int) -> float:
-        """Learning rate of 1-based ``epoch``: decayed once for each milestone epoch already passed."""
-        passed = sum(epoch > round(m * self.epochs) for m in self.milestones)
-        return self.lr * self.lr_decay**passed
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["milestones"] = list(self.milestones)
-        return d
-
-
-RECIPE_OPTIONS = {
-    "epochs": Option(None, int, **positive()),
-    "batch_size": Option(None, int, **positive()),
-    "lr": Option(None, **positive()),
-    "momentum": Option(None, **between(0, 1, high_open=True)),
-    "weight_decay": Option(None, **non_negative()),
-    "lr_decay": Option(None, **between(0, 1, low_open=True)),
-}
-MILESTONE = Option(None, **between(0, 1, low_open=True))
-
-
-def default_recipe(dataset: str, arch: str, epochs: int | None = None) -> Recipe:
-    """The dataset's protocol for one architecture; ``epochs`` overrides the length (milestones scale)."""
-    lr = 0.01 if arch in LOW_LR_ARCHS else 0.05
-    if dataset == "imagenet":
-        return Recipe(epochs or 90, batch_size=256, lr=0.1, weight_decay=1e-4, milestones=(30 / 90, 60 / 90, 80 / 90))
-    if dataset == "digits":
-        # 1,437 points: 30 epochs are 690 steps of 64, enough for the small networks to converge.
-        return Recipe(epochs or 30, lr=lr)
-    return Recipe(epochs or 240, lr=lr)
+from .recipe import Recipe
 
 
 def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:

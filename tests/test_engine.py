@@ -10,10 +10,11 @@ import torch
 from conftest import CHILD_ENV, STUDENT, TEACHER_EPOCHS, copy_run, short_kd
 
 from kcdlib.condense import softmax_entropy
+from kcdlib.data import spec
 from kcdlib.fastpath import StepGraph
 from kcdlib.methods import Method, MethodContext
 from kcdlib.runs import RunStore, distill_config
-from kcdlib.train import Recipe, Trainer, default_recipe
+from kcdlib.train import Recipe, Trainer
 
 VOLATILE = {"wall_seconds", "seconds"}
 
@@ -100,12 +101,12 @@ def test_entropy_of_uniform_and_peaked_logits():
 
 
 def test_lr_schedule_scales_with_the_run():
-    paper = default_recipe("cifar100", "resnet8x4")
+    paper = spec("cifar100").recipe("resnet8x4")
     assert paper.epochs == 240 and paper.batch_size == 64
     assert [paper.lr_at(e) for e in (1, 150, 151, 180, 181, 210, 211, 240)] == pytest.approx([
         0.05, 0.05, 0.005, 0.005, 0.0005, 0.0005, 0.00005, 0.00005,
     ])  # fmt: skip
-    assert default_recipe("cifar100", "ShuffleV2").lr == 0.01
+    assert spec("cifar100").recipe("ShuffleV2").lr == 0.01
     short = Recipe(epochs=24)
     assert short.lr_at(15) == 0.05 and abs(short.lr_at(16) - 0.005) < 1e-12
 
