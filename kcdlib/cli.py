@@ -3,16 +3,21 @@
 Every run goes through the run store, so a finished run is reused and a killed one resumes. Errors caused by the
 input (an unknown name, a missing dataset, a checkpoint of another architecture) print one paragraph on standard
 error and exit with status 2; the record's path is the last line of standard output.
+
+``torchrun --nproc-per-node N -m kcdlib distill ...`` trains one run on N processes (:mod:`kcdlib.distributed`);
+``--nproc N`` launches that itself. Process 0 alone prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import textwrap
 import warnings
 
-from . import models
+from . import distributed, models
 from .distillers import DISTILLERS
 from .errors import BadOption, KcdError
 from .fastpath import COMPILE_MODES, PRECISIONS
@@ -76,6 +81,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
         "graphs per network), graph (the whole step as one CUDA graph), default+graph",
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--nproc", type=at_least(1), help="train the run on N processes of this machine, one per GPU "
+                   "(launches torchrun; the same run, the same record: see README, 'Several GPUs')")  # fmt: skip
     add_stale(p)
 
 
@@ -240,9 +247,37 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
     print(f"kcd: warning: {message}", file=sys.stderr if file is None else file)
 
 
+def without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less its ``--nproc N`` (or ``--nproc=N``, or an abbreviation argparse accepted)."""
+    out, skip = [], False
+    for token in argv:
+        flag = token.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif len(flag) > 4 and "--nproc".startswith(flag):
+            skip = "=" not in token
+        else:
+            out.append(token)
+    return out
+
+
+def launch(argv: list[str], nproc: int) -> int:
+    """``kcd ... --nproc N``: the same command under torchrun, on N processes of this machine."""
+    if distributed.launched_by_torchrun():
+        print("kcd: error: --nproc launches torchrun, and this process already runs under it", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return subprocess.run(distributed.torchrun_command(nproc, without_nproc(argv))).returncode
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if getattr(args, "nproc", None):
+        return launch(argv, args.nproc)
     with warnings.catch_warnings():
         warnings.showwarning = show_warning
         return run(args)
@@ -273,13 +308,18 @@ def run(args: argparse.Namespace) -> int:
             print(out)
             return 0
         cfg = config_from_args(args)
-        store = RunStore(args.runs_dir, args.data_root, resolve_device(args.device), args.compile, args.stale)
+        # Under torchrun: this process's part of the run, on cuda:LOCAL_RANK (NCCL) or the CPU (gloo).
+        group = distributed.from_env(args.device)
+        device = resolve_device(args.device) if group is None else str(group.device)
+        store = RunStore(args.runs_dir, args.data_root, device, args.compile, args.stale, group=group)
         rec = store.ensure(cfg, progress=not args.no_progress, log=lambda line: print(f"kcd: {line}", file=sys.stderr))
-        print(summary_line(cfg, rec))
-        print(store.path(cfg) / "record.json")
+        if store.writer:
+            print(summary_line(cfg, rec))
+            print(store.path(cfg) / "record.json")
         return 0
     except KcdError as err:
-        print(f"kcd: error: {err}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0") if distributed.launched_by_torchrun() else "0"
+        print(f"kcd: error{'' if rank == '0' else f' (process {rank})'}: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(
@@ -287,6 +327,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    finally:
+        distributed.close()
 
 
 if __name__ == "__main__":

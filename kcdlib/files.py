@@ -14,12 +14,18 @@ from pathlib import Path
 # Fault injection for the kill-and-resume tests: with KCD_KILL_AT="<point>:<n>" the process kills itself with
 # SIGKILL the n-th time it passes <point>: "write:<file kind>" (a temporary file written, not yet renamed),
 # "wrote:<file kind>" (renamed), or a point the caller names ("epoch" in the store). Unset, it costs nothing.
+# Under torchrun, KCD_KILL_RANK=<r> kills process r only, and only in torchrun's first attempt (its restarts have
+# TORCHELASTIC_RESTART_COUNT > 0): the kill-and-restart test.
 _KILL_AT = os.environ.get("KCD_KILL_AT", "")
+_KILL_RANK = os.environ.get("KCD_KILL_RANK")
 _passes: dict[str, int] = {}
 
 
 def failpoint(point: str) -> None:
     if not _KILL_AT:
+        return
+    attempt = (os.environ.get("RANK"), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if _KILL_RANK is not None and attempt != (_KILL_RANK, "0"):
         return
     _passes[point] = _passes.get(point, 0) + 1
     name, _, count = _KILL_AT.rpartition(":")

@@ -37,6 +37,7 @@ class MethodContext:
     device: str = "cpu"  # where the per-step records live (the training device: no copy per step)
     fs_over_ft: float = 1.0  # student/teacher forward multiply-adds (UNIX's Eq. 19)
     images_in_memory: bool = True  # False for datasets decoded from files (ImageNet)
+    group: Any = None  # kcdlib.distributed.Group when the run trains on several processes (torchrun)
 
     def option(self, name: str, default: Any) -> Any:
         return self.options.get(name, default)
@@ -226,7 +227,9 @@ class UNIX(Method):
     sample is mixed with a random partner of the batch by ``λ·m_r``, ``m_r = 1/(1+exp(−w(r/B − (2b−1)/(2B))))``,
     ``λ ~ Beta(1,1)``; the first ``k`` mixed samples go to the teacher and the student's training step.
     Options: ``k`` 48, ``b`` 32, ``w`` 10 (the published setting). Its loss is KD alone (CE weight 0, the
-    ``unix_kd`` distiller).
+    ``unix_kd`` distiller). Under torchrun each process makes the selection forward on its part of the batch;
+    the selection itself is over the gathered global batch, the same on every process, and each process trains
+    its part of the ``k`` selected: UNIX of the global batch, whatever the number of processes.
     """
 
     name = "unix"
@@ -246,11 +249,14 @@ class UNIX(Method):
     def select(self, batch, student):
         x, y, idx = batch
         o = self.options
-        n, full = x.shape[0], self.context.batch_size
+        group = self.context.group
         with torch.no_grad():
             logits = student(x)
-        self.extra_student_forwards += n
         uncertainty = condense.softmax_entropy(logits)
+        if group is not None:
+            x, y, idx, uncertainty = group.gather(x, y, idx, uncertainty)
+        n, full = x.shape[0], self.context.batch_size
+        self.extra_student_forwards += n
         r = torch.arange(n, device=x.device, dtype=torch.float32)
         centre = (2 * o["b"] - 1) / (2 * full)
         mask = torch.sigmoid(o["w"] * (r / full - centre))
@@ -260,7 +266,8 @@ class UNIX(Method):
         partner = torch.randperm(n, device=x.device)
         mixed = (1 - mask) * x[rank] + mask * x[partner]
         k = min(int(o["k"]), n)
-        return mixed[:k], y[rank][:k], idx[rank][:k]
+        selected = mixed[:k], y[rank][:k], idx[rank][:k]
+        return selected if group is None else tuple(group.part(*selected))
 
     def summary(self) -> dict[str, Any]:
         from .cost import unix_computation

@@ -14,7 +14,9 @@ training split) and :data:`kcdlib.NUMERICS_VERSION`. ``runs/<identity hash>/`` h
   the run is finished).
 
 A finished run is reused, never retrained. A killed run resumes from its last intact checkpoint and ends with the
-same record. A record of the same options made on other data or by other numerics is never reused silently (see
+same record. A run trained by several processes (torchrun, :mod:`kcdlib.distributed`) is the same run: its process
+0 decides what the store holds and alone writes, and every process resumes from the checkpoint it chose. A record
+of the same options made on other data or by other numerics is never reused silently (see
 :class:`RunStore`). Two processes asking for the same run take turns on a lock held on the run's folder. Nothing
 read from the store runs code: tensors are loaded with ``weights_only=True``, everything else is JSON.
 """
@@ -364,6 +366,7 @@ class RunStore:
         device: str = "cpu",
         compile: str = "off",
         stale: str = "stop",
+        group=None,
     ):
         if stale not in STALE_POLICIES:
             raise BadOption(f"unknown stale policy '{stale}': one of {', '.join(STALE_POLICIES)}")
@@ -372,6 +375,10 @@ class RunStore:
         self.data_root = data_root
         self.device = torch.device(device)
         self.stale = stale
+        # kcdlib.distributed.Group when one run trains on several processes: process 0 decides and writes.
+        self.group = group
+        self.writer = group is None or group.is_writer
+        self._deciding = False
         self._datasets: dict[str, Any] = {}
         self._fingerprints: dict[str, dict[str, Any]] = {}
         self._warned: set[str] = set()
@@ -382,7 +389,7 @@ class RunStore:
     def fingerprint(self, dataset: str) -> dict[str, Any]:
         """The data under this store's data root: name, split sizes, content hash of the training split."""
         if dataset not in self._fingerprints:
-            self._fingerprints[dataset] = datasets.fingerprint(dataset, self.data_root)
+            self._fingerprints[dataset] = self._decide(lambda: datasets.fingerprint(dataset, self.data_root))
         return self._fingerprints[dataset]
 
     def identity(self, cfg: RunConfig) -> dict[str, Any]:
@@ -420,8 +427,20 @@ class RunStore:
             self._datasets[name] = datasets.load_dataset(name, self.data_root, self.device)
         return self._datasets[name]
 
+    def _decide(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``, or under a group process 0's ``fn()`` (it alone reads and repairs the store), on every process.
+
+        A decision inside a decision is part of it: process 0 makes it alone."""
+        if self.group is None or self._deciding:
+            return fn()
+        self._deciding = True
+        try:
+            return self.group.decide(fn)
+        finally:
+            self._deciding = False
+
     def _warn(self, message: str) -> None:
-        if message not in self._warned:
+        if self.writer and message not in self._warned:
             self._warned.add(message)
             warnings.warn(message, StoreWarning, stacklevel=3)
 
@@ -454,14 +473,16 @@ class RunStore:
         """The record of ``cfg``: reused when finished, else trained (resuming its last intact checkpoint).
 
         ``log`` gets one-line notices (reused, waiting for another process); warnings report damage."""
-        log = log or (lambda message: None)
+        log = log if log is not None and self.writer else (lambda message: None)
         self._check_root()
-        if (rec := self.record(cfg)) is not None:
-            _sweep(self.path(cfg))  # what a process killed right after writing the record left behind
+        self.fingerprint(cfg.dataset)  # agreed on by every process of a group before any decision needs it
+        if (rec := self._decide(lambda: self.record(cfg))) is not None:
+            if self.writer:
+                _sweep(self.path(cfg))  # what a process killed right after writing the record left behind
             log(f"reused {self.path(cfg)} (trained {rec.get('finished', 'earlier')})")
             return rec
         # --rerun trains whatever the store holds: no need to look for stale records.
-        stale = [] if self.stale == "rerun" else self.stale_records(cfg)
+        stale = [] if self.stale == "rerun" else self._decide(lambda: self.stale_records(cfg))
         if stale and self.stale == "stop":
             lines = [f"{folder} (trained {rec.get('finished', 'earlier')}) {why}" for folder, rec, why in stale]
             raise StaleRun(
@@ -478,9 +499,9 @@ class RunStore:
             self.ensure(cfg.teacher, progress, log)
             self._check_teacher_model(cfg.teacher, progress, log)
         run_dir = self.path(cfg)
-        with locked(run_dir, log):
+        with locked(run_dir, log) if self.writer else contextlib.nullcontext():
             # Another process may have finished it while we waited for the lock.
-            if (rec := self.record(cfg)) is not None:
+            if (rec := self._decide(lambda: self.record(cfg))) is not None:
                 return rec
             return self._train(cfg, run_dir, progress)
 
@@ -497,15 +518,20 @@ class RunStore:
     def _check_teacher_model(self, teacher: RunConfig, progress: bool, log) -> None:
         """A teacher run's ``model.pt`` must be the one its record names: if it is gone or changed, the teacher
         is trained again (its record is set aside)."""
-        record = self.record(teacher)
         path = self.model_path(teacher)
-        if record is not None and path.exists() and file_sha256(path) == record.get("model_sha256"):
+
+        def intact() -> bool:
+            record = self.record(teacher)
+            return record is not None and path.exists() and file_sha256(path) == record.get("model_sha256")
+
+        if self._decide(intact):
             return
         why = "missing" if not path.exists() else "not the file its record names (checksum mismatch)"
         self._warn(f"the teacher's weights {path} are {why}: the teacher is trained again")
-        with locked(path.parent, log):
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(path.parent / "record.json", path.parent / "record.json.damaged")
+        if self.writer:
+            with locked(path.parent, log):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(path.parent / "record.json", path.parent / "record.json.damaged")
         self.ensure(teacher, progress, log)
 
     def load_teacher(self, cfg: RunConfig) -> torch.nn.Module:
@@ -521,7 +547,10 @@ class RunStore:
             p.requires_grad_(False)
         return teacher
 
-    def build_trainer(self, cfg: RunConfig, progress: bool = True) -> Trainer:
+    def build_trainer(self, cfg: RunConfig, progress: bool = True, alone: bool = False) -> Trainer:
+        """The trainer of ``cfg``: this process's part of the run under a group, unless ``alone`` (a trainer of
+        this process only, to try a checkpoint on while the others wait)."""
+        group = None if alone else self.group
         data = self.dataset(cfg.dataset)
         torch.manual_seed(cfg.seed)
         student = models.create(cfg.arch, num_classes=data.num_classes).to(self.device)
@@ -539,13 +568,13 @@ class RunStore:
         if teacher is not None:
             size = (3, data.image_size, data.image_size)
             fs_over_ft = cost.forward_macs(student, size) / cost.forward_macs(teacher, size)
-        method = self.method_for(cfg, fs_over_ft)
+        method = self.method_for(cfg, fs_over_ft, group)
         return Trainer(
-            student, data, cfg.recipe, distiller, teacher, method, seed=cfg.seed, progress=progress,
-            precision=cfg.precision, compile=self.compile,
+            student, data, cfg.recipe, distiller, teacher, method, seed=cfg.seed, progress=progress and self.writer,
+            precision=cfg.precision, compile=self.compile, group=group,
         )  # fmt: skip
 
-    def method_for(self, cfg: RunConfig, fs_over_ft: float):
+    def method_for(self, cfg: RunConfig, fs_over_ft: float, group=None):
         data = self.dataset(cfg.dataset)
         context = methods.MethodContext(
             num_points=data.num_train,
@@ -556,6 +585,7 @@ class RunStore:
             device=str(self.device),
             fs_over_ft=fs_over_ft,
             images_in_memory=hasattr(data, "train_images"),
+            group=group,
         )
         return methods.build(cfg.method, context)
 
@@ -563,7 +593,7 @@ class RunStore:
         """The teacher's test accuracy, measured here; a teacher near chance is most likely the wrong file."""
         if trainer.teacher is None:
             return None
-        top1, top5 = evaluate(trainer.teacher, trainer.data, precision=cfg.precision)
+        top1, top5 = evaluate(trainer.teacher, trainer.data, precision=cfg.precision, group=self.group)
         chance = 100.0 / trainer.data.num_classes
         source = cfg.teacher_checkpoint or f"run {self.run_hash(cfg.teacher)}"
         if top1 < 2 * chance:
@@ -573,20 +603,23 @@ class RunStore:
 
     def _train(self, cfg: RunConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
         run_hash = run_dir.name
-        for leftover in run_dir.glob(".*.tmp"):  # writes a killed process left half done
-            leftover.unlink(missing_ok=True)
         self._images_files[run_dir] = {}
-        if (run_dir / "record.json").exists():  # here only when damaged: keep it for a look, out of the way
-            os.replace(run_dir / "record.json", run_dir / "record.json.damaged")
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
-        write_json(run_dir / "owner.json", owner)  # who holds the lock, for a process that waits on it
         identity = self.identity(cfg)
-        write_json(run_dir / "config.json", {"hash": run_hash, "options_hash": cfg.options_hash, "identity": identity})
+        if self.writer:
+            for leftover in run_dir.glob(".*.tmp"):  # writes a killed process left half done
+                leftover.unlink(missing_ok=True)
+            if (run_dir / "record.json").exists():  # here only when damaged: keep it for a look, out of the way
+                os.replace(run_dir / "record.json", run_dir / "record.json.damaged")
+            owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
+            write_json(run_dir / "owner.json", owner)  # who holds the lock, for a process that waits on it
+            config = {"hash": run_hash, "options_hash": cfg.options_hash, "identity": identity}
+            write_json(run_dir / "config.json", config)
         trainer = self._resume(cfg, run_dir, progress)
         teacher = self._teacher_quality(trainer, cfg)
         trainer.run(on_epoch_end=lambda t: (files.failpoint("epoch"), self._save(t, run_dir)))
         model = tensor_bytes({"model": trainer.student.state_dict()})
-        atomic_write(run_dir / "model.pt", model)
+        if self.writer:
+            atomic_write(run_dir / "model.pt", model)
         record = {
             "hash": run_hash,
             "config": cfg.canonical(),
@@ -606,15 +639,19 @@ class RunStore:
             "git_commit": git_commit(),
         }
         record = sealed(record)
-        write_json(run_dir / "record.json", record)
-        _sweep(run_dir)
-        return record
+        if self.writer:
+            write_json(run_dir / "record.json", record)
+            _sweep(run_dir)
+        # Every process returns the record process 0 wrote (its times, its device), once it is written.
+        return record if self.group is None else self.group.share(record)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     # A checkpoint's name carries its epoch, the version of the images it needs and the checksum of its content.
     KEEP_CHECKPOINTS = 2  # the last and the one before: a damaged last one still leaves an intact point
 
     def _save(self, trainer: Trainer, run_dir: Path) -> None:
+        if not self.writer:  # every process holds the same state: process 0's is written
+            return
         state = trainer.state_dict()
         images = state.pop("images")
         version = trainer.method.images_version
@@ -640,23 +677,35 @@ class RunStore:
                 old.unlink(missing_ok=True)
 
     def _resume(self, cfg: RunConfig, run_dir: Path, progress: bool) -> Trainer:
-        """A trainer at the last intact checkpoint (damaged ones are named, removed, and the one before tried)."""
-        trainer = self.build_trainer(cfg, progress)
+        """A trainer at the last intact checkpoint (damaged ones are named, removed, and the one before tried).
+
+        Under a group, process 0 chooses (and repairs) as one process does; the others then load its choice."""
+        if self.group is not None:
+            chosen = self.group.decide(lambda: self._resume_alone(cfg, run_dir, progress)[1])
+            trainer = self.build_trainer(cfg, progress)
+            if chosen is not None:
+                trainer.load_state_dict(self._read_checkpoint(run_dir / chosen, run_dir))
+            return trainer
+        return self._resume_alone(cfg, run_dir, progress)[0]
+
+    def _resume_alone(self, cfg: RunConfig, run_dir: Path, progress: bool) -> tuple[Trainer, str | None]:
+        trainer = self.build_trainer(cfg, progress, alone=self.group is not None)
         candidates = sorted(run_dir.glob("checkpoint-e*.pt"), reverse=True)
         for path in candidates:
             try:
                 state = self._read_checkpoint(path, run_dir)
                 trainer.load_state_dict(state)
-                return trainer
+                return trainer, path.name
             except Damaged as err:
                 self._warn(f"{path} is damaged ({err}): removed, trying the checkpoint before it")
             except (KeyError, RuntimeError, ValueError, TypeError) as err:
                 self._warn(f"{path} does not fit this run ({type(err).__name__}: {str(err)[:200]}): removed")
             path.unlink(missing_ok=True)
-            trainer = self.build_trainer(cfg, progress)  # a half-loaded trainer is not to be trusted
+            # A half-loaded trainer is not to be trusted.
+            trainer = self.build_trainer(cfg, progress, alone=self.group is not None)
         if candidates:
             self._warn(f"no intact checkpoint left in {run_dir}: the run starts again from its first epoch")
-        return trainer
+        return trainer, None
 
     def _read_checkpoint(self, path: Path, run_dir: Path) -> dict[str, Any]:
         state = _verified_tensors(path, self.device)

@@ -12,12 +12,16 @@ last epoch's top-1, the best is recorded too.
 
 All randomness of epoch ``e`` is seeded by ``(seed, e)``, so a run resumed from the checkpoint of epoch ``e - 1``
 continues exactly as an uninterrupted one (on CPU; cuDNN may differ in the last bits).
+
+Under torchrun the same trainer runs on N processes (``group``): each trains its part of every global batch and
+the step's loss is the global batch's (:mod:`kcdlib.distributed` says how, and why N changes no result).
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
@@ -25,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .condense import softmax_entropy
 from .data import epoch_generator
 from .distillers import Distiller
@@ -53,12 +58,15 @@ def forward(model: nn.Module, x: torch.Tensor, features: bool):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, batch_size: int = 256, precision: str = "fp32") -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (%) on the test split."""
+def evaluate(
+    model: nn.Module, data, batch_size: int = 256, precision: str = "fp32", group: distributed.Group | None = None
+) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (%) on the test split (under ``group``, each process its part, the counts summed:
+    the accuracy over the whole split)."""
     model.eval()
     top1 = top5 = total = 0
     fast = FastPath(data.device, precision)
-    for x, y in data.test_batches(batch_size):
+    for x, y in data.test_batches(batch_size, **_shard(group)):
         x = fast.batch(x)
         with fast.autocast():
             logits = model(x)
@@ -67,14 +75,23 @@ def evaluate(model: nn.Module, data, batch_size: int = 256, precision: str = "fp
         top1 += hits[:, 0].sum()
         top5 += hits.any(dim=1).sum()
         total += y.shape[0]
+    if group is not None:
+        top1, top5, total = group.sum(top1, top5, total)
     return 100.0 * float(top1) / total, 100.0 * float(top5) / total
+
+
+def _shard(group: distributed.Group | None) -> dict[str, Any]:
+    """The data's keyword for this process's part (none in one process, so any data object serves there)."""
+    return {} if group is None else {"shard": group.shard}
 
 
 class Trainer:
     """Trains ``student`` (from ``teacher`` when the distiller needs one) on ``data`` for ``recipe.epochs``.
 
     Counts ``points_distilled``: knowledge points fed to the teacher (KD: ``N`` per epoch). Resumable through
-    ``state_dict``/``load_state_dict`` between epochs.
+    ``state_dict``/``load_state_dict`` between epochs. With ``group`` (torchrun), this process's part of the run:
+    the student's BatchNorm synchronised, the student wrapped in DistributedDataParallel, the counts those of the
+    global batches (the sum over the processes).
     """
 
     def __init__(
@@ -89,24 +106,35 @@ class Trainer:
         progress: bool = True,
         precision: str = "fp32",
         compile: str = "off",
+        group: distributed.Group | None = None,
     ):
         from .methods import MethodContext
 
         if distiller.needs_teacher and teacher is None:
             raise ValueError(f"distiller '{distiller.name}' needs a teacher")
+        if group is not None:
+            if group.world_size > recipe.batch_size:
+                raise ValueError(f"{group.world_size} processes cannot share batches of {recipe.batch_size}")
+            student = distributed.sync_batchnorm(student, data.device)
+        self.group = group
         self.student, self.data, self.recipe, self.distiller = student, data, recipe, distiller
         self.teacher = teacher if distiller.needs_teacher else None
         self.method = method or Method(MethodContext(data.num_train, recipe.epochs, seed))
         self.seed, self.progress, self.precision = seed, progress, precision
         # How the steps run on the hardware (precision, layout, compilation, CUDA graphs): kcdlib.fastpath.
         self.fast = FastPath(data.device, precision, compile)
-        self._student, self._teacher = self.fast.network(student), self.fast.network(self.teacher)
+        replica = student if group is None else distributed.replicate(student, group, self.fast.channels_last)
+        self._student, self._teacher = self.fast.network(replica), self.fast.network(self.teacher)
         params = list(student.parameters()) + list(distiller.parameters())
         self.optimizer = torch.optim.SGD(
             params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
             **self.fast.optimizer_options(),
         )  # fmt: skip
-        self.fast.record_steps(self.step, self.optimizer)
+        if group is None:
+            self.fast.record_steps(self.step, self.optimizer)
+        elif self.fast.graph_wanted:  # collectives inside a recorded graph: not attempted
+            warnings.warn(f"compile {compile!r} records the step as one CUDA graph, which is single-process: "
+                          "under torchrun the steps run eagerly", stacklevel=2)  # fmt: skip
         # The run's own copy of the training images, only when the method writes into it (KCD's augmentation):
         # the dataset the user handed in stays as it was.
         self.images = data.train_images.clone() if self.method.modifies_images else None
@@ -139,20 +167,26 @@ class Trainer:
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         steps = -(-n_points // self.recipe.batch_size)
-        batches = self.data.train_batches(points, self.recipe.batch_size, self.seed, epoch, images=self.images)
+        batch = self.recipe.batch_size
+        batches = self.data.train_batches(points, batch, self.seed, epoch, images=self.images, **_shard(self.group))
         step = self.fast.step_graph or self.step
-        for x, y, idx in _bar(batches, steps, f"epoch {epoch}/{self.recipe.epochs}", self.progress):
+        for i, (x, y, idx) in enumerate(_bar(batches, steps, f"epoch {epoch}/{self.recipe.epochs}", self.progress)):
+            if self.group is not None:
+                self.group.layout(min(batch, n_points - i * batch))
             x = self.fast.batch(x)
             with self.fast.autocast():
                 x, y, idx = self.method.select((x, y, idx), self.student)
+            if self.group is not None:  # from here on, labels and point indices are the global batch's
+                y, idx = self.group.gather(y, idx)
+            n = idx.shape[0]
             if self.teacher is not None:
-                self.points_distilled += x.shape[0]
+                self.points_distilled += n
                 self.distilled[idx] = True
             loss, entropy, hits = step(x, y, idx)
             self.method.observe(idx, entropy)
-            loss_sum += loss * x.shape[0]
+            loss_sum += loss * n
             correct += hits
-            seen += x.shape[0]
+            seen += n
         self.points_trained += seen
         # One host synchronisation per epoch, here, not per step.
         return {
@@ -166,7 +200,10 @@ class Trainer:
         """One SGD step on a batch: the teacher's hint, the student's forward, the distiller's losses, backward,
         update. Returns ``(loss, entropy, hits)``, all on the device: the batch's mean loss, each sample's
         softmax entropy ``H(p_s)`` (KCD's per-step value, from this same forward) and the number of correct
-        top-1 predictions. Nothing in it waits for the device, so it can be recorded as a CUDA graph."""
+        top-1 predictions. Nothing in it waits for the device, so it can be recorded as a CUDA graph.
+
+        Under a group, ``x`` is this process's part and ``y``, ``idx`` are the global batch's: the forwards run on
+        the part, their outputs are gathered, and everything after is the global batch's, on every process."""
         features = self.distiller.needs_features
         with self.fast.autocast():
             t_feats = t_logits = None
@@ -177,6 +214,8 @@ class Trainer:
         # Losses in fp32 whatever the networks ran in.
         s_feats, t_feats = fp32(s_feats), fp32(t_feats)
         s_logits, t_logits = s_logits.float(), None if t_logits is None else t_logits.float()
+        if self.group is not None:
+            s_feats, s_logits, t_feats, t_logits = self._gather_outputs(s_feats, s_logits, t_feats, t_logits)
         losses = self.distiller(s_feats, s_logits, t_feats, t_logits, y, idx)
         loss = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
@@ -185,14 +224,31 @@ class Trainer:
         logits = s_logits.detach()
         return loss.detach(), softmax_entropy(logits), logits.argmax(dim=1).eq(y).sum()
 
+    def _gather_outputs(self, s_feats, s_logits, t_feats, t_logits):
+        """The forwards' outputs of the global batch (one collective): logits and the pooled features
+        ``feats[-1]`` (the only ones the paper's distillers read), the student's with their gradient."""
+        outputs = [s_logits, *(f[-1] for f in (s_feats, t_feats) if f is not None), t_logits]
+        outputs = self.group.gather(*(t for t in outputs if t is not None))
+        s_logits = outputs.pop(0)
+        s_feats = None if s_feats is None else [outputs.pop(0)]
+        t_feats = None if t_feats is None else [outputs.pop(0)]
+        t_logits = outputs.pop(0) if t_logits is not None else None
+        return s_feats, s_logits, t_feats, t_logits
+
     def train_epoch(self) -> dict[str, Any]:
         """Train the next epoch on the method's points, evaluate, and let the method end the epoch."""
         epoch = self.epoch + 1
         start = time.perf_counter()
+        points = self.method.epoch_points(epoch)
+        # Which knowledge points the epoch trains (KCD: the condensed set), by hash: in the record, and the same on
+        # every process of a group, else it stops.
+        points_sha = distributed.digest(points)
+        if self.group is not None:
+            self.group.check_same(f"knowledge points for epoch {epoch}", points_sha)
         with self.fast.training():
-            row = {"epoch": epoch, **self.train_pass(epoch, self.method.epoch_points(epoch))}
+            row = {"epoch": epoch, **self.train_pass(epoch, points), "points_sha": points_sha}
         self.check_finite(epoch, row["train_loss"])
-        row["top1"], row["top5"] = evaluate(self.student, self.data, precision=self.precision)
+        row["top1"], row["top5"] = evaluate(self.student, self.data, precision=self.precision, group=self.group)
         row.update(self.method.end_epoch(epoch, self.images))
         row["seconds"] = time.perf_counter() - start
         self.wall_seconds += row["seconds"]
@@ -253,6 +309,7 @@ class Trainer:
             "computation": computation,
             "computation_formula": 1.0,
             "wall_seconds": self.wall_seconds,
+            "world_size": 1 if self.group is None else self.group.world_size,  # processes that trained it
             "epochs": self.history,
             **self.method.summary(),
         }

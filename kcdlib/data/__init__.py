@@ -32,12 +32,13 @@ import torch
 from ..options import check_name
 from ..recipe import Recipe
 from .cifar100 import cifar100_fingerprint, load_cifar100, read_cifar100_split
-from .device import CIFAR100_MEAN, CIFAR100_STD, Batch, DeviceDataset, crop_flip, epoch_generator
+from .device import CIFAR100_MEAN, CIFAR100_STD, Batch, DeviceDataset, batch_part, crop_flip, epoch_generator
 from .digits import digits_fingerprint, load_digits
 from .imagenet import IMAGENET_MEAN, IMAGENET_STD, ImageNetData, imagenet_fingerprint
 
 __all__ = [
     "CIFAR100_MEAN", "CIFAR100_STD", "DATASETS", "IMAGENET_MEAN", "IMAGENET_STD", "Batch", "DatasetSpec",
+    "batch_part",
     "DeviceDataset", "ImageNetData", "crop_flip", "epoch_generator", "fingerprint", "load_cifar100", "load_dataset",
     "load_digits", "read_cifar100_split", "spec",
 ]  # fmt: skip

@@ -24,6 +24,19 @@ def epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
     return g
 
 
+def batch_part(start: int, stop: int, shard: tuple[int, int] | None) -> slice:
+    """The positions ``[start, stop)`` of one global batch of an epoch's order that process ``rank`` of ``world``
+    trains, for ``shard = (rank, world)`` (all of them for None): contiguous parts in rank order whose sizes differ
+    by at most one, the first ``(stop - start) % world`` processes taking one point more (``torch.tensor_split``'s
+    rule). Together the parts are the batch, each point once; a part may be empty."""
+    if shard is None:
+        return slice(start, stop)
+    rank, world = shard
+    q, r = divmod(stop - start, world)
+    begin = start + rank * q + min(rank, r)
+    return slice(begin, begin + q + (rank < r))
+
+
 def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int) -> torch.Tensor:
     """Random crop with zero padding, then horizontal flip, for a whole uint8 batch at once.
 
@@ -99,11 +112,13 @@ class DeviceDataset:
         seed: int,
         epoch: int,
         images: torch.Tensor | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> Iterator[Batch]:
         """Augmented, normalised batches over the points ``indices`` (all points when None), in a seeded order.
 
         ``images`` overrides ``train_images`` (a run's own, possibly augmented, copy). The last batch may be
-        smaller, as with RepDistiller's DataLoader (drop_last=False).
+        smaller, as with RepDistiller's DataLoader (drop_last=False). With ``shard = (rank, world)``, this
+        process's part of each of those batches (:func:`batch_part`; the epoch's draws are the same).
         """
         images = self.train_images if images is None else images
         if indices is None:
@@ -118,13 +133,17 @@ class DeviceDataset:
         dev = self.device
         order, dy, dx, flip = (t.to(dev, non_blocking=True) for t in (order, dy, dx, flip))
         for start in range(0, n, batch_size):
-            sl = slice(start, start + batch_size)
+            sl = batch_part(start, min(start + batch_size, n), shard)
             idx = order[sl]
             x = crop_flip(images[idx], dy[sl], dx[sl], flip[sl], self.pad)
             yield self.normalize(x), self.train_labels[idx], idx
 
-    def test_batches(self, batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Normalised, un-augmented test batches in a fixed order."""
-        for start in range(0, self.test_images.shape[0], batch_size):
-            sl = slice(start, start + batch_size)
+    def test_batches(
+        self, batch_size: int = 256, shard: tuple[int, int] | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Normalised, un-augmented test batches in a fixed order (with ``shard``, this process's contiguous part
+        of the split: :func:`batch_part`)."""
+        part = batch_part(0, self.test_images.shape[0], shard)
+        for start in range(part.start, part.stop, batch_size):
+            sl = slice(start, min(start + batch_size, part.stop))
             yield self.normalize(self.test_images[sl]), self.test_labels[sl]

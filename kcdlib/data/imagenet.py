@@ -11,7 +11,7 @@ import torch
 
 from ..errors import DatasetInvalid, DatasetMissing
 from . import fingerprints
-from .device import Batch, epoch_generator
+from .device import Batch, batch_part, epoch_generator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -84,30 +84,46 @@ class ImageNetData:
     def image_size(self) -> int:
         return 224
 
-    def _loader(self, dataset, order, batch_size):
+    def _loader(self, dataset, order, batch_size=1, batches: list[slice] | None = None):
+        """Batches of ``batch_size`` over ``order``, or the position ranges ``batches`` of it."""
+        sampler = None if batches is None else [list(range(b.start, b.stop)) for b in batches]
         return torch.utils.data.DataLoader(
             torch.utils.data.Subset(_Indexed(dataset), order.tolist()),
-            batch_size=batch_size,
+            batch_size=1 if sampler else batch_size,
+            batch_sampler=sampler,
             shuffle=False,
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
         )
 
-    def train_batches(self, indices, batch_size, seed, epoch, images=None) -> Iterator[Batch]:
+    def train_batches(self, indices, batch_size, seed, epoch, images=None, shard=None) -> Iterator[Batch]:
+        """As :meth:`DeviceDataset.train_batches`; with ``shard``, only this process's parts are decoded."""
         if images is not None:
             raise NotImplementedError("ImageNet images are decoded from files; a replacement tensor is not possible")
         if indices is None:
             indices = torch.arange(self.num_train)
         g = epoch_generator(seed, epoch)
         order = indices.cpu()[torch.randperm(int(indices.numel()), generator=g)]
-        # Workers draw the crop/flip randomness; seed them per epoch for reproducible augmentation.
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-        for x, y, idx in self._loader(self.train_set, order, batch_size):
+        # Workers draw the crop/flip randomness; seed them per epoch (and process) for reproducible augmentation.
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)) + (shard[0] if shard else 0))
+        if shard is None:
+            yield from self._to_device(self._loader(self.train_set, order, batch_size))
+            return
+        n = int(order.numel())
+        parts = [batch_part(start, min(start + batch_size, n), shard) for start in range(0, n, batch_size)]
+        yield from self._to_device(self._loader(self.train_set, order, batches=[p for p in parts if p.stop > p.start]))
+        if parts[-1].stop == parts[-1].start:  # a last batch of fewer points than processes: this one gets none
+            none = torch.empty(0, dtype=torch.int64, device=self.device)
+            yield torch.empty(0, 3, self.image_size, self.image_size, device=self.device), none, none
+
+    def _to_device(self, loader) -> Iterator[Batch]:
+        for x, y, idx in loader:
             yield (x.to(self.device, non_blocking=True), y.to(self.device), idx.to(self.device))
 
-    def test_batches(self, batch_size: int = 256):
-        for x, y, _ in self._loader(self.test_set, torch.arange(len(self.test_set)), batch_size):
+    def test_batches(self, batch_size: int = 256, shard=None):
+        part = batch_part(0, len(self.test_set), shard)
+        for x, y, _ in self._loader(self.test_set, torch.arange(part.start, part.stop), batch_size):
             yield x.to(self.device, non_blocking=True), y.to(self.device)
 
 
