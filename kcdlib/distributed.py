@@ -38,6 +38,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -242,28 +243,30 @@ def close() -> None:
 # -- the student, replicated -----------------------------------------------------------------------------------
 class CpuSyncBatchNorm(nn.BatchNorm2d):
     """BatchNorm whose training statistics are those of the global batch, on any backend (torch's
-    ``SyncBatchNorm`` accepts only accelerator tensors). Mean, then variance, each one all-reduce of per-channel
-    sums (two passes: no cancellation of ``E[x²] − E[x]²``); an autograd-aware all-reduce carries the gradient
-    through the statistics. Running statistics as ``nn.BatchNorm2d`` keeps them (the unbiased variance)."""
+    ``SyncBatchNorm`` accepts only accelerator tensors): one all-reduce of the per-channel count, sum and sum of
+    squares, in float64 (so ``E[x²] − E[x]²`` loses nothing that matters), autograd-aware, so the gradient flows
+    through the statistics as in one process. Running statistics as ``nn.BatchNorm2d`` keeps them (the unbiased
+    variance)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         dims = [0, *range(2, x.dim())]
-        count = x.new_tensor([float(x.numel() // x.shape[1])])
-        dist.all_reduce(count)
-        mean = _AllReduce.apply(x.sum(dims)) / count
-        shape = (1, -1, *([1] * (x.dim() - 2)))
-        centred = x - mean.view(shape)
-        var = _AllReduce.apply(centred.square().sum(dims)) / count
+        x64 = x.double()
+        count = x64.new_full((1,), float(x.numel() // x.shape[1]))
+        total = _AllReduce.apply(torch.cat([count, x64.sum(dims), x64.square().sum(dims)]))
+        n, c = total[0], x.shape[1]
+        mean = total[1 : 1 + c] / n
+        var = (total[1 + c :] / n - mean.square()).clamp(min=0)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                unbiased = var.detach() * (count / (count - 1).clamp(min=1))
-                self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
-        out = centred * torch.rsqrt(var + self.eps).view(shape)
+                self.running_mean.mul_(1 - m).add_(mean.float(), alpha=m)
+                self.running_var.mul_(1 - m).add_((var * n / (n - 1).clamp(min=1)).float(), alpha=m)
+        shape = (1, -1, *([1] * (x.dim() - 2)))
+        scale = torch.rsqrt(var + self.eps).to(x.dtype)
+        out = (x - mean.to(x.dtype).view(shape)) * scale.view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
         return out
@@ -298,6 +301,10 @@ def replicate(student: nn.Module, group: Group, channels_last: bool) -> nn.Modul
 
     if channels_last:
         student.to(memory_format=torch.channels_last)
+    if group.device.type == "cpu":
+        # CPU convolutions give a 1x1 kernel's gradient other strides over its size-1 dimensions than the bucket
+        # (the same memory order): DDP's performance warning about it says nothing here.
+        warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides", UserWarning)
     ids = [group.device.index] if group.device.type == "cuda" else None
     return DistributedDataParallel(student, device_ids=ids, gradient_as_bucket_view=True)
 
