@@ -230,8 +230,14 @@ def from_env(device: str = "auto", timeout_minutes: float = 30.0) -> Group | Non
     elif dev.type != "cpu":
         raise BadOption(f"device '{device}' is not supported under torchrun: use cpu, cuda or auto")
     if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+        # torchrun's store outlives a restart of the processes: without a prefix per attempt, a restarted process
+        # reads the addresses of the dead ones (gloo then fails to connect).
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"kcdlib/attempt-{attempt}", store)
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return Group(rank, world_size, local_rank, dev)
 
 

@@ -6,13 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import CHILD_ENV, STUDENT, TEACHER, TEACHER_EPOCHS, copy_run
+from test_data import write_image_folder
 from test_store import leftovers, stable, stored
 
 from kcdlib.cli import build_parser, config_from_args, without_nproc
-from kcdlib.data import batch_part, load_digits
+from kcdlib.data import batch_part, load_dataset, load_digits
 from kcdlib.distributed import part_sizes, torchrun_command
 from kcdlib.runs import RunStore
 
@@ -37,6 +39,19 @@ def test_the_parts_of_each_global_batch_are_that_batch(world):
     test = [torch.cat([y for _, y in data.test_batches(100, shard=(r, world))]) for r in range(world)]
     assert torch.equal(torch.cat(test), data.test_labels)
     assert batch_part(10, 15, (0, 2)) == slice(10, 13) and batch_part(10, 15, (1, 2)) == slice(13, 15)
+
+
+def test_imagenet_decodes_only_the_parts_of_its_process(tmp_path):
+    write_image_folder(tmp_path, np.random.default_rng(0))
+    data = load_dataset("imagenet", str(tmp_path))
+    data.workers = 0
+    points = torch.tensor([0, 1, 2, 3, 5])  # batches of 4 and 1
+    whole = [b[2] for b in data.train_batches(points, 4, seed=1, epoch=1)]
+    parts = [[b[2] for b in data.train_batches(points, 4, seed=1, epoch=1, shard=(r, 2))] for r in range(2)]
+    assert [[len(i) for i in p] for p in parts] == [[2, 1], [2, 0]]
+    assert [torch.cat(joined).tolist() for joined in zip(*parts)] == [i.tolist() for i in whole]
+    test = [torch.cat([y for _, y in data.test_batches(4, shard=(r, 2))]) for r in range(2)]
+    assert torch.cat(test).tolist() == [y for _, y in data.test_set.samples]
 
 
 def test_nproc_launches_torchrun_with_the_rest_of_the_command():
