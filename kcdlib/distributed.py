@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -107,7 +108,7 @@ class Group:
         for i, t in enumerate(tensors):
             by_dtype.setdefault(t.dtype, []).append(i)
         for ids in by_dtype.values():
-            flat = [tensors[i].reshape(tensors[i].shape[0], -1) for i in ids]
+            flat = [tensors[i].reshape(tensors[i].shape[0], math.prod(tensors[i].shape[1:])) for i in ids]
             widths = [f.shape[1] for f in flat]
             packed = torch.cat(flat, dim=1)
             # all_gather wants one shape everywhere: pad to the largest part, strip after.
@@ -115,7 +116,7 @@ class Group:
             parts = _Gather.apply(packed, self.rank, self.world_size)
             whole = torch.cat([parts[r, :s] for r, s in enumerate(sizes)])
             for i, piece in zip(ids, whole.split(widths, dim=1)):
-                out[i] = piece.reshape(-1, *tensors[i].shape[1:])
+                out[i] = piece.reshape(piece.shape[0], *tensors[i].shape[1:])
         return out
 
     def part(self, *tensors: torch.Tensor) -> list[torch.Tensor]:

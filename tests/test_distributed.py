@@ -114,10 +114,11 @@ def test_two_processes_train_the_run_one_process_trains(store, digits_teacher, t
     assert seen["checkpoint_keys"] == sorted(alone.state_dict())
     assert seen["student_keys"] == sorted(alone.student.state_dict())
 
-    # Numerics. After one step of the global batch the weights are one process's within 1e-2 of each tensor's
-    # largest value (BatchNorm's bias gradients are sums that cancel: one process on 2 threads instead of 1 moves
-    # them by 3e-3, measured), and the accuracy the processes record together is that of the whole test split.
-    assert seen["step_weight_difference"] < 1e-2, seen["step_weight_difference"]
+    # Numerics. One step of the global batch updates the weights as one process does, to 1e-3 of the update (3e-5
+    # measured: the order of the sums differs; per tensor, BatchNorm's bias gradients are sums that cancel, and one
+    # process on 2 threads instead of 1 already moves some by 3 %), and the accuracy the processes record together
+    # is that of the whole test split.
+    assert seen["step_weight_difference"] < 1e-3, seen["step_weight_difference"]
     assert seen["sharded_accuracy"] == seen["whole_split_accuracy"]
     # Over two epochs such differences grow as they do between thread counts, and the entropies of a barely trained
     # student lie close together: the condensed set agrees on most points, not all (one thread or two: 95 %).
