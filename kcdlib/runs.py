@@ -681,19 +681,23 @@ class RunStore:
 
         Under a group, process 0 chooses (and repairs) as one process does; the others then load its choice."""
         if self.group is not None:
-            chosen = self.group.decide(lambda: self._resume_alone(cfg, run_dir, progress)[1])
+            chosen = self.group.decide(lambda: self._last_intact(cfg, run_dir, progress)[1])
             trainer = self.build_trainer(cfg, progress)
             if chosen is not None:
                 trainer.load_state_dict(self._read_checkpoint(run_dir / chosen, run_dir))
             return trainer
-        return self._resume_alone(cfg, run_dir, progress)[0]
+        trainer, _ = self._last_intact(cfg, run_dir, progress)
+        return trainer or self.build_trainer(cfg, progress)
 
-    def _resume_alone(self, cfg: RunConfig, run_dir: Path, progress: bool) -> tuple[Trainer, str | None]:
-        trainer = self.build_trainer(cfg, progress, alone=self.group is not None)
+    def _last_intact(self, cfg: RunConfig, run_dir: Path, progress: bool) -> tuple[Trainer | None, str | None]:
+        """The trainer loaded from the last checkpoint that loads, and its name (``None, None`` when none does);
+        under a group, a trainer of this process alone."""
         candidates = sorted(run_dir.glob("checkpoint-e*.pt"), reverse=True)
+        trainer = None
         for path in candidates:
             try:
                 state = self._read_checkpoint(path, run_dir)
+                trainer = trainer or self.build_trainer(cfg, progress, alone=self.group is not None)
                 trainer.load_state_dict(state)
                 return trainer, path.name
             except Damaged as err:
@@ -701,11 +705,10 @@ class RunStore:
             except (KeyError, RuntimeError, ValueError, TypeError) as err:
                 self._warn(f"{path} does not fit this run ({type(err).__name__}: {str(err)[:200]}): removed")
             path.unlink(missing_ok=True)
-            # A half-loaded trainer is not to be trusted.
-            trainer = self.build_trainer(cfg, progress, alone=self.group is not None)
+            trainer = None  # a half-loaded trainer is not to be trusted
         if candidates:
             self._warn(f"no intact checkpoint left in {run_dir}: the run starts again from its first epoch")
-        return trainer, None
+        return None, None
 
     def _read_checkpoint(self, path: Path, run_dir: Path) -> dict[str, Any]:
         state = _verified_tensors(path, self.device)
