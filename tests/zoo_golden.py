@@ -7,7 +7,7 @@ in float64 in eval mode (BN from its running statistics), so the values agree ac
 torchvision's ImageNet ResNets are torchvision's own code and are left out.
 
 Regenerate, only when a change of the forward is intended and checked against the reference code:
-``python tests/zoo_golden.py`` (writes ``tests/data/zoo_logits.json``).
+``python tests/zoo_golden.py`` (writes ``tests/golden/zoo_logits.json``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import nn
 
 from kcdlib.models import ARCHS, create
 
-GOLDEN = Path(__file__).parent / "data" / "zoo_logits.json"
+GOLDEN = Path(__file__).parent / "golden" / "zoo_logits.json"
 CLASSES = 100
 BATCH = 2
 CIFAR_ARCHS = [name for name in ARCHS if name not in ("ResNet18", "ResNet34")]
