@@ -167,6 +167,7 @@ class DeviceDecoder:
         self.threads = max(1, threads)
         self.post_decode = post_decode
         self.cpu_decoded = 0  # images nvjpeg could not take, since the last warning
+        self.nvjpeg = self.device.type == "cuda"  # the batched decode (with its fallbacks); else decode_image
         self._mean = torch.tensor([255.0 * m for m in mean], device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor([255.0 * s for s in std], device=self.device).view(1, 3, 1, 1)
 
@@ -177,7 +178,7 @@ class DeviceDecoder:
 
         out: list[torch.Tensor | None] = [None] * len(blobs)
         with _quiet_decoders():
-            if self.device.type == "cuda":
+            if self.nvjpeg:
                 # CMYK/YCCK (4 components) and non-JPEG files go to the CPU decoder: nvjpeg's RGB output is for
                 # 1- and 3-component JPEGs.
                 take = [k for k, b in enumerate(blobs) if jpeg_components(b) in (1, 3)]
