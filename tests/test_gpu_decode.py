@@ -249,3 +249,25 @@ def test_nvjpeg_batches_match_the_cpu_pipeline(folder):
         assert float((xg.cpu() - xc).abs().mean()) < 0.05
     xt = torch.cat([x.cpu() for x, _ in gpu.test_batches(4)])
     assert xt.shape == (8, 3, 224, 224) and xt.isfinite().all()
+
+
+def test_decode_benchmark_reports_both_paths_side_by_side(capsys, tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "decode_throughput.py"
+    spec = importlib.util.spec_from_file_location("decode_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--device", "cpu", "--files", "6", "--classes", "2", "--decode-images", "40", "--batch-size", "8",
+                    "--workers", "0", "--threads", "1", "--torch-threads", "1", "--dir", str(tmp_path)])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    decode, train = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
+    assert decode["part"] == "decode" and decode["files"] == 6 and decode["device_path"].startswith("cpu_tensor")
+    assert decode["pil_timed_images"] == 40 - 2 * 8 and decode["device_timed_images"] == 40 - 2 * 8
+    assert decode["pil_images_per_second"] > 0 and decode["ratio_device_over_pil"] > 0
+    assert train["part"] == "train_step" and "CUDA only" in train["skipped"]
