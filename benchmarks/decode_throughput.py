@@ -52,12 +52,12 @@ def texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     from PIL import Image
 
     img = np.zeros((height, width, 3), np.float32)
-    for cell, amplitude in ((64, 90.0), (16, 45.0), (4, 20.0)):
+    for cell, amplitude in ((64, 90.0), (16, 45.0), (4, 30.0)):
         coarse = rng.normal(0, amplitude, (height // cell + 2, width // cell + 2, 3)).astype(np.float32)
         layer = [np.asarray(Image.fromarray(coarse[..., c], "F").resize((width, height), Image.BILINEAR))
                  for c in range(3)]  # fmt: skip
         img += np.stack(layer, axis=-1)
-    img += rng.normal(128, 6, (height, width, 3)).astype(np.float32)
+    img += rng.normal(128, 14, (height, width, 3)).astype(np.float32)
     return img.clip(0, 255).astype(np.uint8)
 
 
@@ -82,7 +82,7 @@ def write_jpegs(root: str, files: int, classes: int, quality: int, seed: int) ->
                 total += os.path.getsize(path)
     return {
         "files": files, "classes": classes, "quality": quality, "mean_kb": round(total / files / 1024, 1),
-        "mean_size": f"{np.mean([s[0] for s in sizes]):.0f}x{np.mean([s[1] for s in sizes]):.0f}",
+        "mean_megapixels": round(float(np.mean([w * h for w, h in sizes])) / 1e6, 3),
     }  # fmt: skip
 
 
