@@ -1,4 +1,5 @@
-"""ImageNet as ImageFolder directories, decoded by DataLoader workers (1.28M full-size images fit on no device)."""
+"""ImageNet as ImageFolder directories (1.28M full-size images fit on no device), decoded by DataLoader workers
+with PIL (``decode="pil"``, the default) or on the training device (``decode="gpu"``: :mod:`.gpu_decode`)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ from collections.abc import Iterator
 
 import torch
 
-from ..errors import DatasetInvalid, DatasetMissing
+from ..errors import BadOption, DatasetInvalid, DatasetMissing
 from . import fingerprints
 from .device import Batch, epoch_generator
+from .gpu_decode import DeviceDecoder, crop_draws
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# How training images are decoded and augmented: a run option (the pixels differ), see kcdlib.runs.RunConfig.
+DECODES = ("pil", "gpu")
 
 
 def _imagenet_folder(root: str) -> str:
@@ -44,15 +48,20 @@ class ImageNetData:
     transforms. Where ``root/imagenet`` lacks them, ``root/train`` and ``root/val`` are used.
 
     Same interface as :class:`DeviceDataset` (``train_batches`` yields ``(images, labels, point_indices)``), but
-    the images are decoded by DataLoader workers and moved to ``device`` batch by batch.
+    the images are decoded from files batch by batch: ``decode="pil"`` by ``workers`` DataLoader processes with
+    PIL and torchvision's transforms, moved to ``device``; ``decode="gpu"`` on ``device`` itself (nvjpeg on CUDA,
+    libjpeg-turbo on a CPU), ``workers`` threads reading the files (:class:`.gpu_decode.DeviceDecoder`).
     """
 
     name = "imagenet"
     num_classes = 1000
     pad = 0
 
-    def __init__(self, root: str, device: str | torch.device = "cpu", workers: int = 8):
+    def __init__(self, root: str, device: str | torch.device = "cpu", workers: int = 8, decode: str = "pil"):
         from torchvision import transforms
+
+        if decode not in DECODES:
+            raise BadOption(f"unknown decode '{decode}': one of {', '.join(DECODES)}")
 
         folder = _imagenet_folder(root)
         norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
@@ -75,6 +84,8 @@ class ImageNetData:
         self.device = torch.device(device)
         self.workers = workers
         self.train_labels = torch.as_tensor(self.train_set.targets, dtype=torch.int64)
+        self.decode = decode
+        self.decoder = DeviceDecoder(self.device, IMAGENET_MEAN, IMAGENET_STD, workers) if decode == "gpu" else None
 
     @property
     def num_train(self) -> int:
@@ -101,12 +112,20 @@ class ImageNetData:
             indices = torch.arange(self.num_train)
         g = epoch_generator(seed, epoch)
         order = indices.cpu()[torch.randperm(int(indices.numel()), generator=g)]
+        if self.decoder is not None:
+            # The whole epoch's crops and flips, one row per position of the order, drawn before the first batch.
+            draws = crop_draws(int(order.numel()), g)
+            yield from self.decoder.train_batches(self.train_set.samples, self.train_labels, order, draws, batch_size)
+            return
         # Workers draw the crop/flip randomness; seed them per epoch for reproducible augmentation.
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
         for x, y, idx in self._loader(self.train_set, order, batch_size):
             yield (x.to(self.device, non_blocking=True), y.to(self.device), idx.to(self.device))
 
     def test_batches(self, batch_size: int = 256):
+        if self.decoder is not None:
+            yield from self.decoder.test_batches(self.test_set.samples, batch_size)
+            return
         for x, y, _ in self._loader(self.test_set, torch.arange(len(self.test_set)), batch_size):
             yield x.to(self.device, non_blocking=True), y.to(self.device)
 
