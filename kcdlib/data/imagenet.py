@@ -12,6 +12,7 @@ import torch
 from ..errors import DatasetInvalid, DatasetMissing
 from . import fingerprints
 from .device import Batch, epoch_generator
+from .mixing import MixedImageFolder, MixRecipes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,14 +45,15 @@ class ImageNetData:
     transforms. Where ``root/imagenet`` lacks them, ``root/train`` and ``root/val`` are used.
 
     Same interface as :class:`DeviceDataset` (``train_batches`` yields ``(images, labels, point_indices)``), but
-    the images are decoded by DataLoader workers and moved to ``device`` batch by batch.
+    the images are decoded by DataLoader workers and moved to ``device`` batch by batch. ``crop`` is the side of the
+    training crop (the paper's 224; validation images are resized to ``crop · 256/224`` and centre-cropped).
     """
 
     name = "imagenet"
     num_classes = 1000
     pad = 0
 
-    def __init__(self, root: str, device: str | torch.device = "cpu", workers: int = 8):
+    def __init__(self, root: str, device: str | torch.device = "cpu", workers: int = 8, crop: int = 224):
         from torchvision import transforms
 
         folder = _imagenet_folder(root)
@@ -60,7 +62,7 @@ class ImageNetData:
             os.path.join(folder, "train"),
             transforms.Compose(
                 [
-                    transforms.RandomResizedCrop(224),
+                    transforms.RandomResizedCrop(crop),
                     transforms.RandomHorizontalFlip(),
                     transforms.ToTensor(),
                     norm,
@@ -69,11 +71,14 @@ class ImageNetData:
         )
         self.test_set = _image_folder(
             os.path.join(folder, "val"),
-            transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), norm]),
+            transforms.Compose(
+                [transforms.Resize(round(crop * 256 / 224)), transforms.CenterCrop(crop), transforms.ToTensor(), norm]
+            ),
         )
         self.num_classes = len(self.train_set.classes)
         self.device = torch.device(device)
         self.workers = workers
+        self.crop = crop
         self.train_labels = torch.as_tensor(self.train_set.targets, dtype=torch.int64)
 
     @property
@@ -82,7 +87,7 @@ class ImageNetData:
 
     @property
     def image_size(self) -> int:
-        return 224
+        return self.crop
 
     def _loader(self, dataset, order, batch_size):
         return torch.utils.data.DataLoader(
@@ -95,15 +100,19 @@ class ImageNetData:
         )
 
     def train_batches(self, indices, batch_size, seed, epoch, images=None) -> Iterator[Batch]:
-        if images is not None:
-            raise NotImplementedError("ImageNet images are decoded from files; a replacement tensor is not possible")
+        """``images``: the run's knowledge augmentation as :class:`~kcdlib.data.mixing.MixRecipes` (KCD), or None.
+        Files cannot be rewritten, so each mixed point is mixed in the worker after decoding, before the crop."""
+        if images is not None and not isinstance(images, MixRecipes):
+            raise NotImplementedError("ImageNet images are decoded from files: the run's own images come as "
+                                      "MixRecipes, a replacement tensor is not possible")  # fmt: skip
+        train_set = self.train_set if images is None else MixedImageFolder(self.train_set, images)
         if indices is None:
             indices = torch.arange(self.num_train)
         g = epoch_generator(seed, epoch)
         order = indices.cpu()[torch.randperm(int(indices.numel()), generator=g)]
         # Workers draw the crop/flip randomness; seed them per epoch for reproducible augmentation.
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-        for x, y, idx in self._loader(self.train_set, order, batch_size):
+        for x, y, idx in self._loader(train_set, order, batch_size):
             yield (x.to(self.device, non_blocking=True), y.to(self.device), idx.to(self.device))
 
     def test_batches(self, batch_size: int = 256):
