@@ -105,6 +105,9 @@ class KCD(Method):
     ``value`` ``entropy`` or ``random`` (same schedule, random ranking: the ablation baseline), ``untrained``
     ``first`` (points never trained rank ahead of all others at a condensation: every point is distilled at
     least once) or ``last`` (their score 0 ranks them last: the paper read literally).
+
+    The mixes go into the run's own copy of the images when the dataset is held in memory; for one decoded from
+    files (ImageNet) they are kept as :attr:`mix_recipes`, part of the checkpointed state, which the loader replays.
     """
 
     name = "kcd"
