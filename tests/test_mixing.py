@@ -112,6 +112,10 @@ def test_recipes_survive_a_checkpoint_round_trip():
              for i in range(n)]  # fmt: skip
     assert len(back) == len(recipes) == 18 and back.last_stage == 3
     assert all(torch.equal(back.image(i, files.__getitem__), recipes.image(i, files.__getitem__)) for i in range(n))
+    for i in range(n):  # each file a sample needs is decoded once, and decodes() names them beforehand
+        calls = []
+        recipes.image(i, lambda j, calls=calls: (calls.append(j), files[j])[1])
+        assert sorted(calls) == recipes.decodes(i) and len(set(calls)) == len(calls)
     with pytest.raises(CheckpointError, match="31"):
         MixRecipes(31).load_state_dict(recipes.state_dict())
     with pytest.raises(CheckpointError, match="ratio"):
