@@ -144,7 +144,11 @@ def small_imagenet(tmp_path, monkeypatch):
     spec = dataclasses.replace(data.spec("imagenet"), image_size=SIDE, num_train=30, num_test=6,
                                load=lambda root, device: ImageNetData(root, device, workers=0, crop=SIDE))  # fmt: skip
     monkeypatch.setitem(data.DATASETS, "imagenet", spec)
-    return str(root)
+    # One thread, as test_store's in-process runs: two threads of tiny steps on two shared cores spin for nothing.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield str(root)
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.filterwarnings("ignore:the teacher")  # one epoch on 30 points: a teacher near chance, as meant
