@@ -16,7 +16,7 @@ through the same :func:`kcdlib.condense.mix_pixels` (float32, truncated to uint8
 
 **Geometry (our extension).** The released code only ever mixes CIFAR tensors of one size. ImageNet's files differ
 in size, so a source is brought to its target's ``H×W`` before each mix (:func:`fit`): bilinear interpolation with
-antialiasing (PIL's filter for downscaling) on the uint8 pixels read as float32, both axes stretched independently
+antialiasing (close to PIL's bilinear resize) on the uint8 pixels read as float32, both axes stretched independently
 (the whole source contributes, as on CIFAR), then rounded half to even and clamped to uint8. A point keeps the size
 of its own file; where the sizes are equal nothing is resized, so the two paths agree bit for bit.
 
