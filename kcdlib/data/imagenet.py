@@ -130,8 +130,9 @@ class ImageNetData:
             # The whole epoch's crops and flips, one row per position of the order, drawn before the first batch.
             draws = crop_draws(int(order.numel()), g)
             # Mixed points are mixed on the device, after decoding and before the crop, as the workers do.
-            self.decoder.post_decode = None if images is None else images.image
-            yield from self.decoder.train_batches(self.train_set.samples, self.train_labels, order, draws, batch_size)
+            mix = None if images is None else images.image
+            yield from self.decoder.train_batches(self.train_set.samples, self.train_labels, order, draws, batch_size,
+                                                  mix)  # fmt: skip
             return
         # Workers draw the crop/flip randomness; seed them per epoch for reproducible augmentation.
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
