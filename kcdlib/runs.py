@@ -85,6 +85,9 @@ class RunConfig:
     teacher_sha256: str | None = None
     precision: str = "fp32"
     distiller_options: tuple[tuple[str, Any], ...] = ()
+    # How training images are decoded from files (ImageNet): "pil" or "gpu" (nvjpeg), other pixels, so part of the
+    # identity; recorded only when it is not "pil", so identities made before the option existed stand.
+    decode: str = "pil"
     # Where the checkpoint was found: not part of the identity (the same file elsewhere is the same teacher).
     teacher_checkpoint: str | None = field(default=None, compare=False)
 
@@ -95,6 +98,7 @@ class RunConfig:
             raise BadOption(f"the seed must be a whole number in [0, {MAX_SEED}], got {self.seed!r}")
         if self.precision not in PRECISIONS:
             raise BadOption(f"unknown precision '{self.precision}': one of {', '.join(PRECISIONS)}")
+        datasets.check_decode(self.dataset, self.decode)
         if self.kind == "distill":
             if self.teacher_arch is None or (self.teacher is None) == (self.teacher_sha256 is None):
                 raise BadOption("a distillation run needs one teacher: a teacher run or a checkpoint's sha256")
@@ -125,6 +129,8 @@ class RunConfig:
             "method_options": dict(self.method_options),
             "precision": self.precision,
         }
+        if self.decode != "pil":
+            d["decode"] = self.decode
         if self.kind == "distill":
             d["teacher_arch"] = self.teacher_arch
             d["teacher"] = self.teacher.canonical() if self.teacher else {"sha256": self.teacher_sha256}
@@ -146,13 +152,14 @@ def canonical_json(obj: Any) -> str:
 
 
 def teacher_config(
-    dataset: str, arch: str, seed: int = 0, epochs: int | None = None, precision: str = "fp32"
+    dataset: str, arch: str, seed: int = 0, epochs: int | None = None, precision: str = "fp32", decode: str = "pil"
 ) -> RunConfig:
     """A teacher trained with cross-entropy and the dataset's default recipe."""
     check_name("dataset", dataset, datasets.DATASETS)
     return RunConfig(
-        dataset=dataset, arch=arch, recipe=datasets.spec(dataset).recipe(arch, epochs), seed=seed, precision=precision
-    )
+        dataset=dataset, arch=arch, recipe=datasets.spec(dataset).recipe(arch, epochs), seed=seed, precision=precision,
+        decode=decode,
+    )  # fmt: skip
 
 
 def distill_config(
@@ -169,6 +176,7 @@ def distill_config(
     epochs: int | None = None,
     seed: int = 0,
     precision: str = "fp32",
+    decode: str = "pil",
 ) -> RunConfig:
     """A distillation run of ``student`` from a teacher run or from a checkpoint file of ``teacher_arch``."""
     check_name("dataset", dataset, datasets.DATASETS)
@@ -203,6 +211,7 @@ def distill_config(
         teacher_arch=teacher_arch,
         teacher_sha256=sha,
         precision=precision,
+        decode=decode,
         teacher_checkpoint=teacher_checkpoint,
     )
 
@@ -379,7 +388,7 @@ class RunStore:
         self.group = group
         self.writer = group is None or group.is_writer
         self._deciding = False
-        self._datasets: dict[str, Any] = {}
+        self._datasets: dict[tuple[str, str], Any] = {}
         self._fingerprints: dict[str, dict[str, Any]] = {}
         self._warned: set[str] = set()
         # Per run folder being trained: images version -> the file this process wrote or verified for it.
@@ -422,10 +431,10 @@ class RunStore:
             return None
         return record
 
-    def dataset(self, name: str):
-        if name not in self._datasets:
-            self._datasets[name] = datasets.load_dataset(name, self.data_root, self.device)
-        return self._datasets[name]
+    def dataset(self, name: str, decode: str = "pil"):
+        if (name, decode) not in self._datasets:
+            self._datasets[name, decode] = datasets.load_dataset(name, self.data_root, self.device, decode)
+        return self._datasets[name, decode]
 
     def _decide(self, fn: Callable[[], Any]) -> Any:
         """``fn()``, or under a group process 0's ``fn()`` (it alone reads and repairs the store), on every process.
@@ -474,6 +483,7 @@ class RunStore:
 
         ``log`` gets one-line notices (reused, waiting for another process); warnings report damage."""
         log = log if log is not None and self.writer else (lambda message: None)
+        datasets.check_decode(cfg.dataset, cfg.decode, self.device)  # before the data is read or fingerprinted
         self._check_root()
         self.fingerprint(cfg.dataset)  # agreed on by every process of a group before any decision needs it
         if (rec := self._decide(lambda: self.record(cfg))) is not None:
@@ -539,7 +549,7 @@ class RunStore:
         source = str(self.model_path(cfg.teacher)) if cfg.teacher else cfg.teacher_checkpoint
         if cfg.teacher is None and file_sha256(source) != cfg.teacher_sha256:
             raise CheckpointError(f"the teacher checkpoint '{source}' changed since this run was configured")
-        num_classes = self.dataset(cfg.dataset).num_classes
+        num_classes = self.dataset(cfg.dataset, cfg.decode).num_classes
         teacher = models.load_checkpoint(cfg.teacher_arch, source, num_classes=num_classes).to(self.device).eval()
         if (bad := first_nonfinite(teacher.state_dict())) is not None:
             raise CheckpointError(f"the teacher checkpoint '{source}' holds non-finite weights (in '{bad}')")
@@ -551,7 +561,7 @@ class RunStore:
         """The trainer of ``cfg``: this process's part of the run under a group, unless ``alone`` (a trainer of
         this process only, to try a checkpoint on while the others wait)."""
         group = None if alone else self.group
-        data = self.dataset(cfg.dataset)
+        data = self.dataset(cfg.dataset, cfg.decode)
         torch.manual_seed(cfg.seed)
         student = models.create(cfg.arch, num_classes=data.num_classes).to(self.device)
         teacher = self.load_teacher(cfg) if cfg.kind == "distill" else None
@@ -575,7 +585,7 @@ class RunStore:
         )  # fmt: skip
 
     def method_for(self, cfg: RunConfig, fs_over_ft: float, group=None):
-        data = self.dataset(cfg.dataset)
+        data = self.dataset(cfg.dataset, cfg.decode)
         context = methods.MethodContext(
             num_points=data.num_train,
             epochs=cfg.recipe.epochs,

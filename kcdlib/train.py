@@ -167,8 +167,10 @@ class Trainer:
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         steps = -(-n_points // self.recipe.batch_size)
+        # The run's own images: a tensor in memory, or the method's mix recipes for a dataset decoded from files.
+        images = self.images if self.images is not None else self.method.mix_recipes
         batch = self.recipe.batch_size
-        batches = self.data.train_batches(points, batch, self.seed, epoch, images=self.images, **_shard(self.group))
+        batches = self.data.train_batches(points, batch, self.seed, epoch, images=images, **_shard(self.group))
         step = self.fast.step_graph or self.step
         for i, (x, y, idx) in enumerate(_bar(batches, steps, f"epoch {epoch}/{self.recipe.epochs}", self.progress)):
             if self.group is not None:

@@ -287,7 +287,7 @@ def test_digits_fingerprint_is_stable():
 
 
 def test_fingerprint_of_unknown_or_missing_data(tmp_path):
-    with pytest.raises(UnknownName, match="digits, cifar100, imagenet"):
+    with pytest.raises(UnknownName, match="known datasets: cifar100, digits, imagenet"):
         fingerprint("mnist", str(tmp_path))
     with pytest.raises(DatasetMissing, match="imagenet"):
         fingerprint("imagenet", str(tmp_path))

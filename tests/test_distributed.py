@@ -41,16 +41,20 @@ def test_the_parts_of_each_global_batch_are_that_batch(world):
     assert batch_part(10, 15, (0, 2)) == slice(10, 13) and batch_part(10, 15, (1, 2)) == slice(13, 15)
 
 
-def test_imagenet_decodes_only_the_parts_of_its_process(tmp_path):
+@pytest.mark.parametrize("decode, world", [("pil", 2), ("gpu", 2), ("gpu", 3)])
+def test_imagenet_decodes_only_the_parts_of_its_process(tmp_path, decode, world):
     write_image_folder(tmp_path, np.random.default_rng(0))
-    data = load_dataset("imagenet", str(tmp_path))
+    data = load_dataset("imagenet", str(tmp_path), decode=decode)  # "gpu": the device pipeline, here on the CPU
     data.workers = 0
     points = torch.tensor([0, 1, 2, 3, 5])  # batches of 4 and 1
-    whole = [b[2] for b in data.train_batches(points, 4, seed=1, epoch=1)]
-    parts = [[b[2] for b in data.train_batches(points, 4, seed=1, epoch=1, shard=(r, 2))] for r in range(2)]
-    assert [[len(i) for i in p] for p in parts] == [[2, 1], [2, 0]]
-    assert [torch.cat(joined).tolist() for joined in zip(*parts)] == [i.tolist() for i in whole]
-    test = [torch.cat([y for _, y in data.test_batches(4, shard=(r, 2))]) for r in range(2)]
+    whole = list(data.train_batches(points, 4, seed=1, epoch=1))
+    parts = [list(data.train_batches(points, 4, seed=1, epoch=1, shard=(r, world))) for r in range(world)]
+    for b, batch in enumerate(whole):
+        assert [p[b][2].shape[0] for p in parts] == part_sizes(batch[2].shape[0], world)
+        assert torch.equal(torch.cat([p[b][2] for p in parts]), batch[2])
+        if decode == "gpu":  # each position's crop is drawn from (seed, epoch): the same pixels in any part
+            assert torch.equal(torch.cat([p[b][0] for p in parts]), batch[0])
+    test = [torch.cat([y for _, y in data.test_batches(4, shard=(r, world))]) for r in range(world)]
     assert torch.cat(test).tolist() == [y for _, y in data.test_set.samples]
 
 

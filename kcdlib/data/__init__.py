@@ -6,8 +6,9 @@ that values can be recorded per point.
 
 ``digits`` and ``cifar100`` keep the whole split on the training device as one uint8 tensor, and the paper's
 augmentation (random crop with zero padding, horizontal flip, normalisation) runs for the whole batch at once on
-that device: no worker processes, no per-sample Python. ``imagenet`` uses torchvision's ImageFolder and a
-DataLoader, since 1.28M full-size images do not fit on a device.
+that device: no worker processes, no per-sample Python. ``imagenet`` uses torchvision's ImageFolder, since 1.28M
+full-size images do not fit on a device, decoded by PIL in DataLoader workers or, with ``decode="gpu"``, by nvjpeg
+on the device (:mod:`.gpu_decode`).
 
 All random draws of an epoch (order, crop offsets, flips) are made up front on the CPU from a generator seeded by
 ``(seed, epoch)``: an epoch is the same on any device, and a run resumed at epoch ``e`` sees exactly the batches an
@@ -29,18 +30,18 @@ from typing import Any
 
 import torch
 
+from ..errors import BadOption
 from ..options import check_name
 from ..recipe import Recipe
 from .cifar100 import cifar100_fingerprint, load_cifar100, read_cifar100_split
 from .device import CIFAR100_MEAN, CIFAR100_STD, Batch, DeviceDataset, batch_part, crop_flip, epoch_generator
 from .digits import digits_fingerprint, load_digits
-from .imagenet import IMAGENET_MEAN, IMAGENET_STD, ImageNetData, imagenet_fingerprint
+from .imagenet import DECODES, IMAGENET_MEAN, IMAGENET_STD, ImageNetData, imagenet_fingerprint
 
 __all__ = [
-    "CIFAR100_MEAN", "CIFAR100_STD", "DATASETS", "IMAGENET_MEAN", "IMAGENET_STD", "Batch", "DatasetSpec",
-    "batch_part",
-    "DeviceDataset", "ImageNetData", "crop_flip", "epoch_generator", "fingerprint", "load_cifar100", "load_dataset",
-    "load_digits", "read_cifar100_split", "spec",
+    "CIFAR100_MEAN", "CIFAR100_STD", "DATASETS", "DECODES", "IMAGENET_MEAN", "IMAGENET_STD", "Batch", "DatasetSpec",
+    "DeviceDataset", "ImageNetData", "batch_part", "check_decode", "crop_flip", "epoch_generator", "fingerprint",
+    "load_cifar100", "load_dataset", "load_digits", "read_cifar100_split", "spec",
 ]  # fmt: skip
 
 # Architectures that RepDistiller trains with lr 0.01 instead of 0.05.
@@ -55,7 +56,8 @@ def _cifar_lr(arch: str) -> float:
 class DatasetSpec:
     """A dataset: ``load(root, device)``, ``fingerprint(root)`` (see :func:`fingerprint`), the facts a plan needs
     without the files, and ``recipe(arch, epochs)``, its protocol for one architecture (``epochs`` overrides the
-    length; the lr milestones scale with it)."""
+    length; the lr milestones scale with it). ``decodes``: how its images can be decoded (datasets decoded from
+    files: ``load(root, device, decode=...)`` takes each)."""
 
     name: str
     num_classes: int
@@ -65,6 +67,7 @@ class DatasetSpec:
     load: Callable[[str, torch.device | str], Any]
     fingerprint: Callable[[str], dict]
     recipe: Callable[[str, int | None], Recipe]
+    decodes: tuple[str, ...] = ("pil",)
 
     @property
     def points_per_test_image(self) -> float:
@@ -86,6 +89,7 @@ DATASETS: dict[str, DatasetSpec] = {
         "imagenet", 1000, 224, 1_281_167, 50_000, ImageNetData, imagenet_fingerprint,
         lambda arch, epochs=None: Recipe(epochs or 90, batch_size=256, lr=0.1, weight_decay=1e-4,
                                          milestones=(30 / 90, 60 / 90, 80 / 90)),
+        decodes=DECODES,
     ),
 }  # fmt: skip
 
@@ -96,9 +100,24 @@ def spec(name: str) -> DatasetSpec:
     return DATASETS[name]
 
 
-def load_dataset(name: str, root: str = "data", device: str | torch.device = "cpu"):
-    """Load a dataset by name: ``digits`` (embedded), ``cifar100`` or ``imagenet`` (under ``root``)."""
-    return spec(name).load(root, device)
+def check_decode(name: str, decode: str, device: str | torch.device | None = None) -> None:
+    """``decode`` must be one of dataset ``name``'s ways of decoding, and ``gpu`` needs a CUDA ``device`` (when
+    given): one line that says what to use instead."""
+    if decode not in DECODES:
+        raise BadOption(f"unknown decode '{decode}': one of {', '.join(DECODES)}")
+    if decode not in spec(name).decodes:
+        raise BadOption(f"decode '{decode}' is for datasets decoded from files (imagenet); {name} is held in memory "
+                        "as one uint8 tensor: use decode 'pil' (the default)")  # fmt: skip
+    if decode == "gpu" and device is not None and torch.device(device).type != "cuda":
+        raise BadOption(f"decode 'gpu' decodes JPEGs with nvjpeg on a CUDA device, and the device is "
+                        f"'{device}': use decode 'pil' there (or a CUDA device)")  # fmt: skip
+
+
+def load_dataset(name: str, root: str = "data", device: str | torch.device = "cpu", decode: str = "pil"):
+    """Load a dataset by name: ``digits`` (embedded), ``cifar100`` or ``imagenet`` (under ``root``), decoded
+    ``decode`` (see :func:`check_decode`; ``gpu`` also runs on a CPU device here, for tests and benchmarks)."""
+    check_decode(name, decode)
+    return spec(name).load(root, device) if decode == "pil" else spec(name).load(root, device, decode=decode)
 
 
 def fingerprint(name: str, root: str = "data") -> dict:
