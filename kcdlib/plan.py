@@ -1,7 +1,7 @@
 """Planning a build of the book: every run a profile needs, which of them the run store already holds, and how
 long the others will take. Nothing is trained, and the dataset need not be there.
 
-:func:`plan` lists the runs (``report.all_runs``, and the teachers they would train first), looks each up in the
+:func:`plan` lists the runs (``artefacts.all_runs``, and the teachers they would train first), looks each up in the
 store, and estimates its device time from a few training steps timed on the current device: the real
 :class:`~kcdlib.train.Trainer` over synthetic random uint8 images of the dataset's size and class count, one
 timing per (dataset, teacher, student, distiller), multiplied by the samples the run will process. What the
@@ -30,7 +30,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from . import condense, cost, models, report
+from . import artefacts, condense, cost, models
+from .artefacts.common import dataset_facts
 from .data import DeviceDataset
 from .distillers import DISTILLERS, DistillContext
 from .distillers import build as build_distiller
@@ -39,11 +40,6 @@ from .methods import METHODS
 from .profiles import Profile, get_profile
 from .runs import RunConfig, RunStore
 from .train import Recipe, Trainer, evaluate
-
-# (training points N, test images) of each dataset, known without its files: digits is kcdlib.data.load_digits's
-# fixed 80/20 stratified split of scikit-learn's 1,797 images; CIFAR-100 has 50,000 training and 10,000 test
-# images; ImageNet-1k (ILSVRC-2012) 1,281,167 training and 50,000 validation images.
-SPLIT_SIZES = {"digits": (1_437, 360), "cifar100": (50_000, 10_000), "imagenet": (1_281_167, 50_000)}
 
 # -- the recorded H200 figures -------------------------------------------------------------------------------
 # From benchmarks/README.md, "Measured figures" (log: benchmarks/results/gpu_check_h200_2026-11-28.log), one
@@ -143,7 +139,7 @@ def train_fraction(cfg: RunConfig) -> float:
     schedule counted over whole points, UNIX's ``k / batch`` (its selection forward is counted apart)."""
     o = dict(cfg.method_options)
     if cfg.method == "kcd":
-        n = SPLIT_SIZES[cfg.dataset][0]
+        n = dataset_facts(cfg.dataset).train
         return condense.schedule_computation(o["schedule"], cfg.recipe.epochs, o["stage_epochs"], o["rho"], n)
     if cfg.method == "unix":
         return o["k"] / cfg.recipe.batch_size
@@ -152,7 +148,8 @@ def train_fraction(cfg: RunConfig) -> float:
 
 def run_seconds(cfg: RunConfig, c: StepCost) -> float:
     """The run's device time: its training samples x the step cost, UNIX's selection forwards, evaluation."""
-    n, n_test = SPLIT_SIZES[cfg.dataset]
+    facts = dataset_facts(cfg.dataset)
+    n, n_test = facts.train, facts.test
     epochs = cfg.recipe.epochs
     seconds = epochs * n * train_fraction(cfg) * c.step
     if cfg.method == "unix":
@@ -164,7 +161,8 @@ def run_seconds(cfg: RunConfig, c: StepCost) -> float:
 def arch_cost(arch: str, dataset: str) -> tuple[int, int]:
     """``(forward multiply-adds per image, layers)`` of ``arch`` at ``dataset``'s image size; layers counts the
     convolutions, batch norms and linear layers (a proxy for the kernels a step launches)."""
-    classes, side = report.DATASET_SHAPES[dataset]
+    facts = dataset_facts(dataset)
+    classes, side = facts.classes, facts.side
     model = models.create(arch, classes)
     layers = sum(isinstance(m, torch.nn.Conv2d | torch.nn.BatchNorm2d | torch.nn.Linear) for m in model.modules())
     return cost.forward_macs(model, (3, side, side)), layers
@@ -212,7 +210,7 @@ def h200_estimate(profile: str | Profile, jobs_per_device: int = 4, devices: int
     order: notebook by notebook, each notebook's teachers first, :func:`simulate_wall`)."""
     p = get_profile(profile)
     with cpu_threads(CPU_TIMING_THREADS):  # the multiply-add counts
-        configs = with_teachers(report.all_runs(p))
+        configs = with_teachers(artefacts.all_runs(p))
         seconds = {cfg.options_hash: h200_run_seconds(cfg) for cfg in configs}
         groups = notebook_phases(p, set(seconds), seconds)
     total = sum(seconds.values())
@@ -244,11 +242,7 @@ def with_teachers(configs: Iterable[RunConfig]) -> list[RunConfig]:
 
 def notebook_runs(p: Profile) -> dict[str, list[RunConfig]]:
     """The runs each notebook of the book asks for, in the order ``kcd book`` executes them."""
-    from .book import NOTEBOOKS
-
-    runs = {name: funcs[0] for name, funcs in report.ARTEFACTS.items()}
-    runs["kcd_in_five_minutes"] = report.five_minutes_runs
-    return {name: report.unique(runs[name](p)) for name in NOTEBOOKS if name in runs}
+    return artefacts.notebook_runs(p)
 
 
 def notebook_phases(p: Profile, to_train: set[str], seconds: dict[str, float]) -> list[list[list[float]]]:
@@ -258,7 +252,7 @@ def notebook_phases(p: Profile, to_train: set[str], seconds: dict[str, float]) -
     groups = []
     for configs in notebook_runs(p).values():
         missing = [c for c in configs if c.options_hash in to_train and c.options_hash not in done]
-        teachers = report.unique(c.teacher for c in missing if c.teacher is not None)
+        teachers = artefacts.unique(c.teacher for c in missing if c.teacher is not None)
         teachers = [t for t in teachers if t.options_hash in to_train and t.options_hash not in done]
         done |= {t.options_hash for t in teachers}
         rest = [c for c in missing if c.options_hash not in done]
@@ -367,8 +361,8 @@ def time_steps(
     as many as fit ``budget_s`` (at least one), the median kept. Evaluation
     is timed on a synthetic test split of one evaluation batch (256 images on a GPU, the timing batch on a CPU)."""
     device = torch.device(device)
-    classes, side = report.DATASET_SHAPES[dataset]
-    n_points = SPLIT_SIZES[dataset][0]
+    facts = dataset_facts(dataset)
+    classes, side, n_points = facts.classes, facts.side, facts.train
     fs = arch_cost(student, dataset)[0]
     batch = timing_batch(batch_size, dataset, device, 3 * fs + (arch_cost(teacher, dataset)[0] if teacher else 0))
     n_test = 256 if device.type == "cuda" else batch
@@ -438,7 +432,7 @@ def plan(
     run needs comes before it), whether ``store`` holds its finished record, and its estimated device time on
     ``store.device`` (``est_s``, timed here) and on an H200 (``h200_s``, extrapolated from the recorded figures).
     Trains nothing. ``epochs``, ``stage_epochs``, ``teacher_epochs`` shorten the profile as ``kcd book`` does;
-    ``devices`` and ``jobs_per_device`` default to the store's (:func:`kcdlib.report.setup` sets them).
+    ``devices`` and ``jobs_per_device`` default to the store's device, one run at a time.
 
     The totals are in ``frame.attrs`` (:func:`format_plan` prints them): device time of the runs still to train
     and of all, and the wall time with ``jobs_per_device`` runs at once on each device.
@@ -455,12 +449,12 @@ def plan(
 def _plan(p, store, devices, jobs_per_device, epochs, stage_epochs, teacher_epochs, timer, echo) -> pd.DataFrame:
     timer = timer or time_steps
     if any(v is not None for v in (epochs, stage_epochs, teacher_epochs)):
-        p, _ = report.setup(p, str(store.root), store.data_root, str(store.device), epochs=epochs,
-                            stage_epochs=stage_epochs, teacher_epochs=teacher_epochs)  # fmt: skip
-    devices = list(devices or getattr(store, "devices", None) or [str(store.device)])
-    jobs = jobs_per_device or getattr(store, "jobs_per_device", 1)
+        p = artefacts.setup(p, str(store.root), store.data_root, str(store.device), epochs=epochs,
+                            stage_epochs=stage_epochs, teacher_epochs=teacher_epochs).profile  # fmt: skip
+    devices = list(devices or [str(store.device)])
+    jobs = jobs_per_device or 1
     echo = echo or (lambda line: None)
-    listed = report.all_runs(p)
+    listed = artefacts.all_runs(p)
     configs = with_teachers(listed)
     needed_by: dict[str, list[str]] = {}
     for name, runs in notebook_runs(p).items():
@@ -635,7 +629,8 @@ def plan_command(
             device = "cpu"
     device = resolve_device(device)
     runs_dir = str(Path(runs_dir or REPO / "runs").resolve())
-    p, store = report.setup(p, runs_dir, data_root, device, devices=devices, jobs_per_device=jobs_per_device,
-                            teachers_dir=teachers_dir, **(schedule or {}))  # fmt: skip
-    frame = plan(p, store, echo=lambda line: print(f"kcd: {line}", file=sys.stderr))
+    session = artefacts.setup(p, runs_dir, data_root, device, devices=devices, jobs_per_device=jobs_per_device,
+                              teachers_dir=teachers_dir, **(schedule or {}))  # fmt: skip
+    frame = plan(session.profile, session.store, devices=session.devices, jobs_per_device=session.jobs_per_device,
+                 echo=lambda line: print(f"kcd: {line}", file=sys.stderr))  # fmt: skip
     return format_plan(frame)
