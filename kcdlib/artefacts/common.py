@@ -108,14 +108,15 @@ def distill_pair(
 ) -> RunConfig:
     """A distillation run of ``student`` from ``teacher`` (architectures actually run). KCD runs always carry
     the profile's stage length ``T`` and its KCD knobs (``profile.kcd_options``: ρ, the score's α); the loss knobs
-    (``profile.loss_options``: temperature, γ, α, β) go to every distiller that has them. ``options`` (``rho``,
+    (``profile.loss_options``: temperature, γ, α, β) go to the distiller when it has them (not to a method's own
+    loss: UNIX keeps its KD). ``options`` (``rho``,
     ``alpha``, ``augment``, UNIX's ``k``) win over the knobs: a table that varies a setting keeps its own."""
     dataset = dataset or profile.dataset
     if method == "kcd":
         options = {"stage_epochs": profile.stage_epochs, **profile.kcd_options, **options}
-    # A method with a loss of its own (UNIX: KD alone) brings its own distiller: the knobs go to that one.
-    loss = METHODS[method].loss if distiller == "kd" and METHODS[method].loss else distiller
-    specs = distillers.DISTILLERS[loss].option_specs
+    # A method with a loss of its own (UNIX: KD alone, γ = 0, α = 1) keeps it: the knobs are the named distiller's.
+    own_loss = distiller == "kd" and METHODS[method].loss is not None
+    specs = {} if own_loss else distillers.DISTILLERS[distiller].option_specs
     loss_options = {k: v for k, v in profile.loss_options.items() if k in specs}
     source: dict[str, Any]
     if teacher in profile.teacher_checkpoints:

@@ -19,7 +19,8 @@ from ..runs import MAX_SEED, RunConfig, RunStore
 from ..train import COMPILE_MODES
 from .common import unique
 
-# The course's knobs: notebook parameter -> the distiller option it sets (every distiller that has it).
+# The course's knobs: notebook parameter -> the distiller option it sets (every distiller that has it; UNIX's own
+# loss is UNIX's protocol and keeps its values).
 LOSS_KNOBS = {"temperature": "temperature", "gamma": "gamma", "kd_alpha": "alpha", "beta": "beta"}
 # ... and -> the KCD option it sets (the tables that vary one keep their own value).
 KCD_KNOBS = {"rho": "rho", "alpha": "alpha"}
@@ -132,7 +133,7 @@ def setup(
     exists instead of training the profile's own. ``epochs``, ``stage_epochs`` and ``teacher_epochs`` shorten a
     profile (a rehearsal), Table 3's schedule with it. The course's knobs (``None``: the paper's value):
     ``temperature`` (KD's T), ``gamma``, ``kd_alpha``, ``beta`` (the loss weights γ, α, β of every distiller that
-    has them), ``rho`` and ``alpha`` (KCD's final keep-ratio ρ and the value score's exponent α). They become run
+    has them; UNIX keeps its own loss), ``rho`` and ``alpha`` (KCD's final keep-ratio ρ and the value score's exponent α). They become run
     options, so they are part of every run's identity."""
     p = get_profile(profile)
     for name, value in (("runs_dir", runs_dir), ("data_root", data_root)):
