@@ -69,6 +69,8 @@ def _without_docstrings(text: str) -> str:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and ast.get_docstring(node):
             first = node.body[0]
             drop.update(range(first.lineno - 1, first.end_lineno))
+            if first.end_lineno < len(lines) and not lines[first.end_lineno].strip():
+                drop.add(first.end_lineno)  # the blank line after it
     return "\n".join(line for i, line in enumerate(lines) if i not in drop) + "\n"
 
 
@@ -181,7 +183,7 @@ def results(rows: Mapping[str, Sequence[dict[str, Any]]], dataset: str, seed_lis
                 cells[(row, label)] = f"{mean:,.0f}"
             else:
                 cells[(row, label)] = fmt(mean, sd)
-    frame = pd.Series(cells).unstack()[list(RESULT_FIELDS.values())]
+    frame = pd.Series(cells).unstack().loc[list(rows), list(RESULT_FIELDS.values())]
     data = pd.DataFrame(data)
     top1 = data[data.field == "final_top1"].set_index("row")["mean"]
     test_images = dataset_facts(dataset).test
