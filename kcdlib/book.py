@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from . import artefacts
-from .errors import KcdError
+from .errors import BadOption, KcdError
 from .options import device as resolve_device
 from .profiles import get_profile
 
@@ -179,7 +179,11 @@ def build_book(
     (a rehearsal of a long profile). The device is checked first: a profile's CUDA on a machine without one is a
     one-line :class:`~kcdlib.errors.BadOption`, not a traceback from inside a notebook."""
     p = get_profile(profile)
-    device = resolve_device(device or p.device)
+    try:
+        device = resolve_device(device or p.device)
+    except BadOption as err:
+        raise BadOption(f"profile '{p.name}' runs on {p.device}: {err} (kcd book --device cpu)" if device is None
+                        else str(err)) from None  # fmt: skip
     for d in devices or []:
         resolve_device(d)
     names = notebooks() if names is None else tuple(names)

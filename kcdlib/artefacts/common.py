@@ -168,13 +168,14 @@ def unix_k(profile: Profile, paper_pair: str) -> int:
 
 
 # -- tables ----------------------------------------------------------------------------------------------------
-# Lines and alignment for the book's tables (the theme draws none around pandas' HTML). Row labels may wrap, so a
-# table with long row names (Table 4) still fits the page.
+# Lines and alignment for the book's tables (the theme draws none around pandas' HTML). Headers and row labels
+# wrap, numbers do not: a table of a few columns with long names (Table 4) fits the page's column at 1280 px.
 TABLE_STYLE = [
+    {"selector": "", "props": "font-size: 0.9em;"},
     {"selector": "caption", "props": "caption-side: top; text-align: left; padding-bottom: 0.5em;"},
-    {"selector": "th, td", "props": "padding: 0.2em 0.7em; text-align: right; white-space: nowrap;"},
-    {"selector": "tbody th", "props": "text-align: left; white-space: normal; min-width: 10em;"},
-    {"selector": "thead th", "props": "border-bottom: 1px solid #888; text-align: center;"},
+    {"selector": "th, td", "props": "padding: 0.2em 0.5em; text-align: right; white-space: nowrap;"},
+    {"selector": "tbody th", "props": "text-align: left; white-space: normal; min-width: 9em;"},
+    {"selector": "thead th", "props": "border-bottom: 1px solid #888; text-align: center; white-space: normal;"},
     {"selector": "tbody tr:nth-child(even)", "props": "background-color: #f4f6f8;"},
 ]
 
@@ -247,9 +248,10 @@ def cell(store: RunStore, configs: Sequence[RunConfig], key: str = "final_top1")
     return mean, sd, f"{fmt(mean, sd)} / {fmt(best, best_sd)}"
 
 
-def paper_column(profile: Profile, dataset: str = "cifar100", name: str = "paper") -> str:
-    """The header of the paper's column: said to be not comparable when this profile runs other data."""
-    return name if profile.dataset == dataset else f"{name} ({_DATASET_NAMES.get(dataset, dataset)}, not comparable)"
+def paper_column(profile: Profile, dataset: str = "cifar100", name: str = "paper", short: str = "paper") -> str:
+    """The header of the paper's column (``name``); on a profile that runs other data than the paper's
+    ``dataset``, ``short`` said to be not comparable: ``paper (CIFAR-100, not comparable)``."""
+    return name if profile.dataset == dataset else f"{short} ({_DATASET_NAMES.get(dataset, dataset)}, not comparable)"
 
 
 _DATASET_NAMES = {"cifar100": "CIFAR-100", "imagenet": "ImageNet", "digits": "digits"}

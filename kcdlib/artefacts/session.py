@@ -87,7 +87,7 @@ class Session:
                 raise KeyError(f"run {self.shown(self.store.path(cfg))} is missing: call session.ensure first")
             rows.append({"run": self.shown(self.store.path(cfg)), "seed": cfg.seed,
                          **{f: rec[f] for f in fields if f in rec}})  # fmt: skip
-        return pd.DataFrame(rows).set_index("run")
+        return pd.DataFrame(rows).set_index("run").astype(object)  # a seed stays a whole number when transposed
 
     def status(self, line: str) -> None:
         if self.progress_file is not None:
@@ -133,8 +133,9 @@ def setup(
     exists instead of training the profile's own. ``epochs``, ``stage_epochs`` and ``teacher_epochs`` shorten a
     profile (a rehearsal), Table 3's schedule with it. The course's knobs (``None``: the paper's value):
     ``temperature`` (KD's T), ``gamma``, ``kd_alpha``, ``beta`` (the loss weights γ, α, β of every distiller that
-    has them; UNIX keeps its own loss), ``rho`` and ``alpha`` (KCD's final keep-ratio ρ and the value score's exponent α). They become run
-    options, so they are part of every run's identity."""
+    has them; UNIX keeps its own loss), ``rho`` and ``alpha`` (KCD's final keep-ratio ρ and the value score's
+    exponent α). They become run options, so they are part of every run's identity. ``progress_file`` and
+    ``book_root`` are ``kcd book``'s: see :class:`Session`."""
     p = get_profile(profile)
     for name, value in (("runs_dir", runs_dir), ("data_root", data_root)):
         if not isinstance(value, str | Path):

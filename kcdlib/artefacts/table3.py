@@ -42,7 +42,7 @@ def build(session: Session) -> Table:
     """Table 3: ImageNet ResNet34 -> ResNet18, KD and KC-KD: top-1, top-5 and the absolute computation C_a."""
     p, store = session.profile, session.store
     declared = declare(p)
-    head = paper_column(p.with_options(dataset=p.table3_dataset), "imagenet", "C_a paper")
+    head = paper_column(p.with_options(dataset=p.table3_dataset), "imagenet", "C_a paper", "C_a paper")
     rows, display = [], []
     for label, cfgs in declared.items():
         m1, s1, t1 = cell(store, cfgs)
