@@ -291,8 +291,13 @@ def plot_values(watch: pd.DataFrame):
     import matplotlib.pyplot as plt
 
     steps = sorted(watch.condensation.unique())
-    fig, axes = plt.subplots(1, len(steps), figsize=(2.6 * len(steps), 2.8), sharey=True, layout="constrained")
-    axes = [axes] if len(steps) == 1 else list(axes)
+    cols = min(len(steps), 3)
+    rows = -(-len(steps) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.4 * rows), sharey=True, layout="constrained",
+                             squeeze=False)  # fmt: skip
+    axes = list(axes.flat)
+    for ax in axes[len(steps) :]:
+        ax.set_axis_off()
     for ax, c in zip(axes, steps):
         w = watch[(watch.condensation == c) & (watch.F > 0)]
         bins = 30
@@ -300,7 +305,8 @@ def plot_values(watch: pd.DataFrame):
         ax.hist(w[~w.after].score, bins=bins, alpha=0.7, label="dropped (y=0)")
         ax.set_title(f"after stage {c}", fontsize=9)
         ax.set_xlabel("(F/T)^α · V")
-    axes[0].set_ylabel("points")
+    for ax in axes[::cols]:
+        ax.set_ylabel("points")
     axes[0].legend(fontsize=8)
     plt.close(fig)
     return fig
