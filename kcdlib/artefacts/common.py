@@ -304,6 +304,6 @@ def frame_of(cells: dict[tuple[str, tuple[str, str]], str], columns: Sequence[tu
     """A display frame from ``{(row label, (column group, column)): text}``, rows in first-seen order."""
     frame = pd.Series(cells).unstack().reindex(list(dict.fromkeys(label for label, _ in cells)))
     frame.columns = pd.MultiIndex.from_tuples(frame.columns)
-    frame = frame[list(columns)]
+    frame = frame[list(columns)].fillna("–")  # a row of one pair only (a distiller the paper did not run)
     frame.index.name = index
     return frame
