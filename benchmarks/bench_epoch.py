@@ -54,7 +54,8 @@ from kcdlib import models  # noqa: E402
 from kcdlib.cost import forward_macs  # noqa: E402
 from kcdlib.data import DeviceDataset, load_dataset  # noqa: E402
 from kcdlib.distillers import DistillContext, build  # noqa: E402
-from kcdlib.train import COMPILE_MODES, PRECISIONS, Recipe, Trainer  # noqa: E402
+from kcdlib.fastpath import COMPILE_MODES, PRECISIONS  # noqa: E402
+from kcdlib.train import Recipe, Trainer  # noqa: E402
 
 GIGA = 1e9
 
@@ -72,7 +73,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-COMPILE = "off"  # set from --compile: how the engine runs its networks (see kcdlib.train.COMPILE_MODES)
+COMPILE = "off"  # set from --compile: how the engine runs its networks (see kcdlib.fastpath.COMPILE_MODES)
 
 
 def make_trainer(student, teacher, data, batch_size: int, precision: str, method=None, compile=None) -> Trainer:

@@ -11,7 +11,10 @@
 #      of 50,000 images);
 #   2. the engine's measured epoch of 50,000 images, with FAST (a PRECISION:COMPILE);
 #   3. four concurrent engine processes (FAST) on the one device vs one: total images/s ratio;
-#   4. KCD cost check (FAST): a pass over a random 35,000-point subset vs the first 35,000 points (within 5 %?).
+#   4. KCD cost check (FAST): a pass over a random 35,000-point subset vs the first 35,000 points (within 5 %?);
+#   5. ImageNet input: JPEGs decoded by PIL in DataLoader workers (all cores) vs by nvjpeg on the device, images/s
+#      side by side, and ResNet34 -> ResNet18 KD steps/s at batch 256 in bf16 on in-memory tensors vs fed by the
+#      device decoder (benchmarks/decode_throughput.py; on a CPU the decoding part only, labelled as such).
 # Each python call runs under its own `timeout`; the whole run stays inside TOTAL_S seconds (default 470);
 # a failed step is reported and the others still run; the exit status is non-zero if any step failed.
 # When $OUT is set, the whole log is also written to $OUT/gpu_check.log.
@@ -34,12 +37,15 @@ if [ "$QUICK" = 1 ]; then
     CONC_STEPS=${CONC_STEPS:-2} SUBSET=${SUBSET:-420} REPEATS=${REPEATS:-1} PEAK=${PEAK:-256}
     GRAPH_STEPS=${GRAPH_STEPS:-2}
     EXTRA=(--threads 1)
+    DECODE_ARGS=(--files 40 --decode-images 512 --batch-size 64 --train-batch 16 --train-steps 2 --train-warmup 1
+                 --torch-threads 1)
 else
     TEACHER=${TEACHER:-resnet32x4} STUDENT=${STUDENT:-resnet8x4}
     POINTS=${POINTS:-50000} STEPS=${STEPS:-300} WARMUP=${WARMUP:-10} WORKERS=${WORKERS:-8}
     CONC_STEPS=${CONC_STEPS:-400} SUBSET=${SUBSET:-35000} REPEATS=${REPEATS:-2} PEAK=${PEAK:-0}
     GRAPH_STEPS=${GRAPH_STEPS:-20}
     EXTRA=()
+    DECODE_ARGS=()
 fi
 BENCH=(benchmarks/bench_epoch.py --dataset synthetic --points "$POINTS" --teacher "$TEACHER" --student "$STUDENT"
        --device "$DEVICE" --batch-size "$BATCH" --warmup "$WARMUP" ${EXTRA[@]+"${EXTRA[@]}"})
@@ -135,6 +141,8 @@ main() {
     # process group, the four engine processes included).
     step concurrency 120 bash benchmarks/gpu_check.sh --concurrency
     step kcd_cost 90 "$PY" "${BENCH[@]}" "${FAST_ARGS[@]}" --mode kcd-cost --subset "$SUBSET" --repeats "$REPEATS"
+    step decode_throughput 150 "$PY" benchmarks/decode_throughput.py --device "$DEVICE" \
+        ${DECODE_ARGS[@]+"${DECODE_ARGS[@]}"}
 
     if [ "${#FAILED[@]}" -gt 0 ]; then
         echo "{\"gpu_check\": \"failed\", \"failed_steps\": \"${FAILED[*]}\", \"seconds\": $SECONDS}"

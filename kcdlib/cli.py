@@ -13,13 +13,14 @@ import textwrap
 import warnings
 
 from . import models
+from .data import DECODES
 from .distillers import DISTILLERS
 from .errors import BadOption, KcdError
+from .fastpath import COMPILE_MODES, PRECISIONS
 from .methods import METHODS
 from .options import device as resolve_device
 from .profiles import published_teachers
 from .runs import MAX_SEED, RunConfig, RunStore, distill_config, teacher_config
-from .train import COMPILE_MODES, PRECISIONS
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -74,6 +75,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
         "--compile", default="off", choices=COMPILE_MODES,
         help="how steps run on a GPU: off (eager), default (torch.compile), reduce-overhead (compiled, with CUDA "
         "graphs per network), graph (the whole step as one CUDA graph), default+graph",
+    )  # fmt: skip
+    p.add_argument(
+        "--decode", default="pil", choices=DECODES,
+        help="how ImageNet's JPEGs are decoded and augmented: pil (default: PIL in DataLoader workers) or gpu "
+        "(nvjpeg, crops and flips on the CUDA device; other pixels, so another run)",
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_stale(p)
@@ -200,12 +206,13 @@ def method_options(args) -> dict:
 def config_from_args(args) -> RunConfig:
     """The run the command line asks for, every option checked (by the run config itself) before any training."""
     if args.command == "teacher":
-        return teacher_config(args.dataset, args.arch, args.seed, args.epochs, args.precision)
+        return teacher_config(args.dataset, args.arch, args.seed, args.epochs, args.precision, args.decode)
     if args.distiller == "ce":
         raise BadOption("'ce' trains without a teacher: use `kcd teacher`")
     common = dict(
         distiller=args.distiller, distiller_options=distiller_options(args), method=args.method,
         method_options=method_options(args), epochs=args.epochs, seed=args.seed, precision=args.precision,
+        decode=args.decode,
     )  # fmt: skip
     if args.teachers_dir and not args.teacher:
         raise BadOption("--teachers-dir goes with --teacher ARCH (which published teacher to look for)")
@@ -218,7 +225,7 @@ def config_from_args(args) -> RunConfig:
     if args.teacher:
         if args.teacher_arch:
             raise BadOption("--teacher-arch is for --teacher-ckpt; --teacher already names the architecture")
-        teacher = teacher_config(args.dataset, args.teacher, 0, args.teacher_epochs, args.precision)
+        teacher = teacher_config(args.dataset, args.teacher, 0, args.teacher_epochs, args.precision, args.decode)
         return distill_config(args.dataset, args.student, teacher=teacher, **common)
     if args.teacher_epochs:
         raise BadOption("--teacher-epochs is for a teacher trained here (--teacher), not a checkpoint (--teacher-ckpt)")

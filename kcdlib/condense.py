@@ -30,7 +30,7 @@ uses ``τ^t = ρ^{t·T/I}`` (``t = 1 … I/T``), of relative cost (Eq. 16)
     C = ρ^{T/I} (1 − ρ) / (1 − ρ^{T/I}) · T/I          (81.6 % for ρ = 0.7, T/I = 1/6);
 
 the released code trains stage 1 on all ``N`` points and then drops ``⌊N(1 − ρ)/(I/T)⌋`` more per stage,
-never below ``⌊ρN⌋`` (87.5 % for the same setting; see :func:`released_code_schedule`).
+never below ``⌊ρN⌋`` (87.5 % for the same setting; :mod:`kcdlib.released` replays the released code itself).
 
 **Value-adaptive knowledge summary (VAKS)** (:func:`summarize`, :func:`apply_mix`). Condensing from
 ``n_prev`` to ``n_new`` points with the global ranking ``r``: ``K1 = r[:n_new]`` is kept (``y = 1``),
@@ -58,13 +58,11 @@ __all__ = [
     "AUGMENTS",
     "SCHEDULE_KINDS",
     "NonFiniteValue",
-    "ReleasedSchedule",
     "SummaryPlan",
     "ValueRecord",
     "apply_mix",
     "first_stage_points",
     "keep_schedule",
-    "released_code_schedule",
     "schedule_computation",
     "summarize",
     "untrained_first",
@@ -75,9 +73,6 @@ SCHEDULE_KINDS = ("paper", "official")
 AUGMENTS = ("K1L", "K1H", "random", "none")
 # Where points never trained (F = 0) rank at a condensation: ahead of all others (ours), or last (score 0, literal).
 UNTRAINED_RULES = ("first", "last")
-
-# The released code divides by this constant instead of the run's I/T (kcd-method.md).
-RELEASED_CODE_STAGES = 6
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -243,13 +238,13 @@ def keep_schedule(kind: str, num_points: int, epochs: int, stage_epochs: int, rh
     - ``'paper'``: ``⌊τ^t · N⌋`` with ``τ^t = ρ^{t·T/I}``, ``t = 1 … I/T`` (stage 1 is already below ``N``).
     - ``'official'``: the released code's rule with this run's ``I/T``: stage 1 trains on all ``N``, each
       later stage on ``⌊N(1 − ρ)/(I/T)⌋`` fewer, never below ``⌊ρN⌋``. (The released code divides by 6
-      whatever ``I/T`` is; :func:`released_code_schedule` reproduces that.)
+      whatever ``I/T`` is; :func:`kcdlib.released.released_code_schedule` reproduces that.)
 
     Floors are exact: ``ρ`` is read as the decimal it was written as (``0.7`` means 7/10, not the binary
     float just below it) and compared in integer arithmetic, so ``ρ^1 · 50000`` gives 35000, not 34999.
     Parameters: ``N = num_points``, ``I = epochs``, ``T = stage_epochs``, ``ρ = rho`` (the final keep-ratio).
     """
-    n, stages, rho_q = _check_schedule(kind, num_points, epochs, stage_epochs, rho)
+    n, stages, rho_q = check_schedule(kind, num_points, epochs, stage_epochs, rho)
     if kind == "paper":
         counts = [_floor_power(n, rho_q, t, stages) for t in range(1, stages + 1)]
     else:
@@ -279,7 +274,7 @@ def schedule_computation(kind: str, epochs: int, stage_epochs: int, rho: float, 
     if num_points is not None:
         counts = keep_schedule(kind, num_points, epochs, stage_epochs, rho)
         return sum(counts) * stage_epochs / (num_points * epochs)
-    _, stages, rho_q = _check_schedule(kind, 1, epochs, stage_epochs, rho)
+    _, stages, rho_q = check_schedule(kind, 1, epochs, stage_epochs, rho)
     rho_f = float(rho_q)
     if kind == "official":
         return 1.0 - (1.0 - rho_f) * (stages - 1) / (2 * stages)
@@ -287,45 +282,6 @@ def schedule_computation(kind: str, epochs: int, stage_epochs: int, rho: float, 
         return 1.0
     q = rho_f ** (1.0 / stages)  # ρ^{T/I}
     return q * (1.0 - rho_f) / (1.0 - q) / stages
-
-
-@dataclass(frozen=True)
-class ReleasedSchedule:
-    """What the released code does with a schedule (its stage count hard-coded to 6).
-
-    ``trained``: points trained per stage that runs. ``condensed``: the kept count each condensation
-    computes; condensations run after every ``T`` epochs, the last one after the last epoch, so
-    ``condensed[-1]`` is never trained on. ``crashes_at``: the 1-based condensation at which the code
-    fails (it drops no point, an empty ``K0``), or ``None``; the stages after it never run.
-    ``computation``: ``Σ trained · T / (N · I)``, or ``None`` when the run crashes.
-    """
-
-    trained: list[int]
-    condensed: list[int]
-    crashes_at: int | None
-    computation: float | None
-
-
-def released_code_schedule(num_points: int, epochs: int, stage_epochs: int, rho: float) -> ReleasedSchedule:
-    """Replay the released code's condensation arithmetic (float, as it does: ``int(N(1 − ρ)/6)`` dropped
-    per condensation, never below ``int(ρN)``), including its last, untrained condensation and its crash
-    when a condensation drops nothing (e.g. the seventh one of a run with more than six stages)."""
-    n, stages, _ = _check_schedule("official", num_points, epochs, stage_epochs, rho)
-    rho = float(rho)
-    drop = int(n * (1 - rho) / RELEASED_CODE_STAGES)
-    floor_count = int(rho * n)
-    trained, condensed, crashes_at = [n], [], None
-    for c in range(1, stages + 1):
-        current = trained[-1]
-        new = floor_count if current - drop < floor_count else current - drop
-        condensed.append(new)
-        if new == current:
-            crashes_at = c
-            break
-        if c < stages:
-            trained.append(new)
-    computation = None if crashes_at is not None else sum(trained) * stage_epochs / (n * epochs)
-    return ReleasedSchedule(trained, condensed, crashes_at, computation)
 
 
 def first_stage_points(num_points: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -526,7 +482,7 @@ def _finite_float(name: str, value) -> float:
     return number
 
 
-def _check_schedule(kind, num_points, epochs, stage_epochs, rho) -> tuple[int, int, Fraction]:
+def check_schedule(kind, num_points, epochs, stage_epochs, rho) -> tuple[int, int, Fraction]:
     """Validate a schedule's options; return ``N``, the stage count ``I/T`` and ``ρ`` as an exact fraction."""
     if kind not in SCHEDULE_KINDS:
         raise BadOption(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULE_KINDS)}")

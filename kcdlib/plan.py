@@ -31,15 +31,16 @@ import pandas as pd
 import torch
 
 from . import artefacts, condense, cost, models
-from .artefacts.common import dataset_facts
+from . import data as datasets
 from .data import DeviceDataset
 from .distillers import DISTILLERS, DistillContext
 from .distillers import build as build_distiller
 from .errors import DatasetInvalid, DatasetMissing
 from .methods import METHODS
 from .profiles import Profile, get_profile
+from .recipe import Recipe
 from .runs import RunConfig, RunStore
-from .train import Recipe, Trainer, evaluate
+from .train import Trainer, evaluate
 
 # -- the recorded H200 figures -------------------------------------------------------------------------------
 # From benchmarks/README.md, "Measured figures" (log: benchmarks/results/gpu_check_h200_2026-11-28.log), one
@@ -139,7 +140,7 @@ def train_fraction(cfg: RunConfig) -> float:
     schedule counted over whole points, UNIX's ``k / batch`` (its selection forward is counted apart)."""
     o = dict(cfg.method_options)
     if cfg.method == "kcd":
-        n = dataset_facts(cfg.dataset).train
+        n = datasets.spec(cfg.dataset).num_train
         return condense.schedule_computation(o["schedule"], cfg.recipe.epochs, o["stage_epochs"], o["rho"], n)
     if cfg.method == "unix":
         return o["k"] / cfg.recipe.batch_size
@@ -148,8 +149,8 @@ def train_fraction(cfg: RunConfig) -> float:
 
 def run_seconds(cfg: RunConfig, c: StepCost) -> float:
     """The run's device time: its training samples x the step cost, UNIX's selection forwards, evaluation."""
-    facts = dataset_facts(cfg.dataset)
-    n, n_test = facts.train, facts.test
+    spec = datasets.spec(cfg.dataset)
+    n, n_test = spec.num_train, spec.num_test
     epochs = cfg.recipe.epochs
     seconds = epochs * n * train_fraction(cfg) * c.step
     if cfg.method == "unix":
@@ -161,9 +162,9 @@ def run_seconds(cfg: RunConfig, c: StepCost) -> float:
 def arch_cost(arch: str, dataset: str) -> tuple[int, int]:
     """``(forward multiply-adds per image, layers)`` of ``arch`` at ``dataset``'s image size; layers counts the
     convolutions, batch norms and linear layers (a proxy for the kernels a step launches)."""
-    facts = dataset_facts(dataset)
-    classes, side = facts.classes, facts.side
-    model = models.create(arch, classes)
+    spec = datasets.spec(dataset)
+    side = spec.image_size
+    model = models.create(arch, spec.num_classes)
     layers = sum(isinstance(m, torch.nn.Conv2d | torch.nn.BatchNorm2d | torch.nn.Linear) for m in model.modules())
     return cost.forward_macs(model, (3, side, side)), layers
 
@@ -361,8 +362,8 @@ def time_steps(
     as many as fit ``budget_s`` (at least one), the median kept. Evaluation
     is timed on a synthetic test split of one evaluation batch (256 images on a GPU, the timing batch on a CPU)."""
     device = torch.device(device)
-    facts = dataset_facts(dataset)
-    classes, side, n_points = facts.classes, facts.side, facts.train
+    spec = datasets.spec(dataset)
+    classes, side, n_points = spec.num_classes, spec.image_size, spec.num_train
     fs = arch_cost(student, dataset)[0]
     batch = timing_batch(batch_size, dataset, device, 3 * fs + (arch_cost(teacher, dataset)[0] if teacher else 0))
     n_test = 256 if device.type == "cuda" else batch

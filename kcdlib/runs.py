@@ -44,8 +44,10 @@ import torch
 from . import NUMERICS_VERSION, __version__, cost, distillers, files, methods, models
 from . import data as datasets
 from .errors import BadOption, CheckpointError, Diverged, StaleRun, StoreError
+from .fastpath import PRECISIONS
 from .options import check_name
-from .train import PRECISIONS, Recipe, Trainer, default_recipe, evaluate, first_nonfinite
+from .recipe import Recipe
+from .train import Trainer, evaluate, first_nonfinite
 
 # Seeds feed torch.manual_seed and the epoch generators: 31 bits keep every derived seed in range.
 MAX_SEED = 2**31 - 1
@@ -81,6 +83,9 @@ class RunConfig:
     teacher_sha256: str | None = None
     precision: str = "fp32"
     distiller_options: tuple[tuple[str, Any], ...] = ()
+    # How training images are decoded from files (ImageNet): "pil" or "gpu" (nvjpeg), other pixels, so part of the
+    # identity; recorded only when it is not "pil", so identities made before the option existed stand.
+    decode: str = "pil"
     # Where the checkpoint was found: not part of the identity (the same file elsewhere is the same teacher).
     teacher_checkpoint: str | None = field(default=None, compare=False)
 
@@ -91,6 +96,7 @@ class RunConfig:
             raise BadOption(f"the seed must be a whole number in [0, {MAX_SEED}], got {self.seed!r}")
         if self.precision not in PRECISIONS:
             raise BadOption(f"unknown precision '{self.precision}': one of {', '.join(PRECISIONS)}")
+        datasets.check_decode(self.dataset, self.decode)
         if self.kind == "distill":
             if self.teacher_arch is None or (self.teacher is None) == (self.teacher_sha256 is None):
                 raise BadOption("a distillation run needs one teacher: a teacher run or a checkpoint's sha256")
@@ -121,6 +127,8 @@ class RunConfig:
             "method_options": dict(self.method_options),
             "precision": self.precision,
         }
+        if self.decode != "pil":
+            d["decode"] = self.decode
         if self.kind == "distill":
             d["teacher_arch"] = self.teacher_arch
             d["teacher"] = self.teacher.canonical() if self.teacher else {"sha256": self.teacher_sha256}
@@ -142,13 +150,14 @@ def canonical_json(obj: Any) -> str:
 
 
 def teacher_config(
-    dataset: str, arch: str, seed: int = 0, epochs: int | None = None, precision: str = "fp32"
+    dataset: str, arch: str, seed: int = 0, epochs: int | None = None, precision: str = "fp32", decode: str = "pil"
 ) -> RunConfig:
     """A teacher trained with cross-entropy and the dataset's default recipe."""
     check_name("dataset", dataset, datasets.DATASETS)
     return RunConfig(
-        dataset=dataset, arch=arch, recipe=default_recipe(dataset, arch, epochs), seed=seed, precision=precision
-    )
+        dataset=dataset, arch=arch, recipe=datasets.spec(dataset).recipe(arch, epochs), seed=seed, precision=precision,
+        decode=decode,
+    )  # fmt: skip
 
 
 def distill_config(
@@ -165,6 +174,7 @@ def distill_config(
     epochs: int | None = None,
     seed: int = 0,
     precision: str = "fp32",
+    decode: str = "pil",
 ) -> RunConfig:
     """A distillation run of ``student`` from a teacher run or from a checkpoint file of ``teacher_arch``."""
     check_name("dataset", dataset, datasets.DATASETS)
@@ -189,7 +199,7 @@ def distill_config(
     return RunConfig(
         dataset=dataset,
         arch=student,
-        recipe=default_recipe(dataset, student, epochs),
+        recipe=datasets.spec(dataset).recipe(student, epochs),
         seed=seed,
         distiller=distiller,
         distiller_options=_items(distiller_options or {}),
@@ -199,6 +209,7 @@ def distill_config(
         teacher_arch=teacher_arch,
         teacher_sha256=sha,
         precision=precision,
+        decode=decode,
         teacher_checkpoint=teacher_checkpoint,
     )
 
@@ -370,7 +381,7 @@ class RunStore:
         self.data_root = data_root
         self.device = torch.device(device)
         self.stale = stale
-        self._datasets: dict[str, Any] = {}
+        self._datasets: dict[tuple[str, str], Any] = {}
         self._fingerprints: dict[str, dict[str, Any]] = {}
         self._warned: set[str] = set()
         # Per run folder being trained: images version -> the file this process wrote or verified for it.
@@ -415,10 +426,10 @@ class RunStore:
             return None
         return record
 
-    def dataset(self, name: str):
-        if name not in self._datasets:
-            self._datasets[name] = datasets.load_dataset(name, self.data_root, self.device)
-        return self._datasets[name]
+    def dataset(self, name: str, decode: str = "pil"):
+        if (name, decode) not in self._datasets:
+            self._datasets[name, decode] = datasets.load_dataset(name, self.data_root, self.device, decode)
+        return self._datasets[name, decode]
 
     def _warn(self, message: str) -> None:
         if message not in self._warned:
@@ -455,6 +466,7 @@ class RunStore:
 
         ``log`` gets one-line notices (reused, waiting for another process); warnings report damage."""
         log = log or (lambda message: None)
+        datasets.check_decode(cfg.dataset, cfg.decode, self.device)  # before the data is read or fingerprinted
         self._check_root()
         if (rec := self.record(cfg)) is not None:
             _sweep(self.path(cfg))  # what a process killed right after writing the record left behind
@@ -513,7 +525,7 @@ class RunStore:
         source = str(self.model_path(cfg.teacher)) if cfg.teacher else cfg.teacher_checkpoint
         if cfg.teacher is None and file_sha256(source) != cfg.teacher_sha256:
             raise CheckpointError(f"the teacher checkpoint '{source}' changed since this run was configured")
-        num_classes = self.dataset(cfg.dataset).num_classes
+        num_classes = self.dataset(cfg.dataset, cfg.decode).num_classes
         teacher = models.load_checkpoint(cfg.teacher_arch, source, num_classes=num_classes).to(self.device).eval()
         if (bad := first_nonfinite(teacher.state_dict())) is not None:
             raise CheckpointError(f"the teacher checkpoint '{source}' holds non-finite weights (in '{bad}')")
@@ -522,7 +534,7 @@ class RunStore:
         return teacher
 
     def build_trainer(self, cfg: RunConfig, progress: bool = True) -> Trainer:
-        data = self.dataset(cfg.dataset)
+        data = self.dataset(cfg.dataset, cfg.decode)
         torch.manual_seed(cfg.seed)
         student = models.create(cfg.arch, num_classes=data.num_classes).to(self.device)
         teacher = self.load_teacher(cfg) if cfg.kind == "distill" else None
@@ -546,7 +558,7 @@ class RunStore:
         )  # fmt: skip
 
     def method_for(self, cfg: RunConfig, fs_over_ft: float):
-        data = self.dataset(cfg.dataset)
+        data = self.dataset(cfg.dataset, cfg.decode)
         context = methods.MethodContext(
             num_points=data.num_train,
             epochs=cfg.recipe.epochs,

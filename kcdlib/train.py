@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import Any
 
@@ -31,64 +29,9 @@ from .condense import softmax_entropy
 from .data import epoch_generator
 from .distillers import Distiller
 from .errors import Diverged
+from .fastpath import FastPath, fp32
 from .methods import Method
-from .options import Option, between, canonical, non_negative, normalize, positive
-
-# Architectures that RepDistiller trains with lr 0.01 instead of 0.05.
-LOW_LR_ARCHS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Optimisation schedule. ``milestones`` are fractions of ``epochs`` after which lr is multiplied by
-    ``lr_decay`` (paper: 150/240, 180/240, 210/240, so a shorter run keeps the same shape)."""
-
-    epochs: int
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    milestones: tuple[float, ...] = (150 / 240, 180 / 240, 210 / 240)
-    lr_decay: float = 0.1
-
-    def __post_init__(self):
-        # Normalised and checked here, so a recipe has one spelling (``0.05`` and ``5e-2``, ``1`` and ``1.0``).
-        o = canonical("recipe", RECIPE_OPTIONS, {k: getattr(self, k) for k in RECIPE_OPTIONS})
-        o["milestones"] = tuple(normalize("recipe", "milestone", MILESTONE, m) for m in self.milestones)
-        for name, value in o.items():
-            object.__setattr__(self, name, value)
-
-    def lr_at(self, epoch: int) -> float:
-        """Learning rate of 1-based ``epoch``: decayed once for each milestone epoch already passed."""
-        passed = sum(epoch > round(m * self.epochs) for m in self.milestones)
-        return self.lr * self.lr_decay**passed
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["milestones"] = list(self.milestones)
-        return d
-
-
-RECIPE_OPTIONS = {
-    "epochs": Option(None, int, **positive()),
-    "batch_size": Option(None, int, **positive()),
-    "lr": Option(None, **positive()),
-    "momentum": Option(None, **between(0, 1, high_open=True)),
-    "weight_decay": Option(None, **non_negative()),
-    "lr_decay": Option(None, **between(0, 1, low_open=True)),
-}
-MILESTONE = Option(None, **between(0, 1, low_open=True))
-
-
-def default_recipe(dataset: str, arch: str, epochs: int | None = None) -> Recipe:
-    """The dataset's protocol for one architecture; ``epochs`` overrides the length (milestones scale)."""
-    lr = 0.01 if arch in LOW_LR_ARCHS else 0.05
-    if dataset == "imagenet":
-        return Recipe(epochs or 90, batch_size=256, lr=0.1, weight_decay=1e-4, milestones=(30 / 90, 60 / 90, 80 / 90))
-    if dataset == "digits":
-        # 1,437 points: 30 epochs are 690 steps of 64, enough for the small networks to converge.
-        return Recipe(epochs or 30, lr=lr)
-    return Recipe(epochs or 240, lr=lr)
+from .recipe import Recipe
 
 
 def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
@@ -109,27 +52,15 @@ def forward(model: nn.Module, x: torch.Tensor, features: bool):
     return None, model(x)
 
 
-PRECISIONS = ("fp32", "bf16")
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast for the networks' forwards (losses are computed in fp32 outside it).
-
-    Without autocast's weight-cast cache: no weight is cast twice in one forward, and a cache filled while a CUDA
-    graph records would hand later steps tensors in the graph's memory."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False)
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, data, batch_size: int = 256, precision: str = "fp32") -> tuple[float, float]:
     """Top-1 and top-5 accuracy (%) on the test split."""
     model.eval()
     top1 = top5 = total = 0
-    channels_last = data.device.type == "cuda"
+    fast = FastPath(data.device, precision)
     for x, y in data.test_batches(batch_size):
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(data.device, precision):
+        x = fast.batch(x)
+        with fast.autocast():
             logits = model(x)
         k = min(5, logits.shape[1])
         hits = logits.topk(k, dim=1).indices.eq(y.view(-1, 1))
@@ -163,39 +94,19 @@ class Trainer:
 
         if distiller.needs_teacher and teacher is None:
             raise ValueError(f"distiller '{distiller.name}' needs a teacher")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.student, self.data, self.recipe, self.distiller = student, data, recipe, distiller
         self.teacher = teacher if distiller.needs_teacher else None
         self.method = method or Method(MethodContext(data.num_train, recipe.epochs, seed))
         self.seed, self.progress, self.precision = seed, progress, precision
-        # On CUDA: channels-last weights (tensor-core friendly; the crop's gather already yields channels-last
-        # batches) and cuDNN's autotuner. On CPU the weights keep the default layout.
-        self.channels_last = data.device.type == "cuda"
-        if self.channels_last:
-            torch.backends.cudnn.benchmark = True
-            for model in (student, self.teacher):
-                if model is not None:
-                    model.to(memory_format=torch.channels_last)
-        if compile not in COMPILE_MODES:
-            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
-        # What the training step calls: the networks themselves, or their torch.compile'd forms.
-        self.compile = compile
-        networks = {"graph": "off", "default+graph": "default"}.get(compile, compile)
-        self._student = _compiled(student, networks)
-        self._teacher = None if self.teacher is None else _compiled(self.teacher, networks)
+        # How the steps run on the hardware (precision, layout, compilation, CUDA graphs): kcdlib.fastpath.
+        self.fast = FastPath(data.device, precision, compile)
+        self._student, self._teacher = self.fast.network(student), self.fast.network(self.teacher)
         params = list(student.parameters()) + list(distiller.parameters())
         self.optimizer = torch.optim.SGD(
-            params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, **_fast_step(data.device)
-        )
-        # The whole step recorded as one CUDA graph (compile "graph"/"default+graph"); None: steps run eagerly.
-        self.step_graph: StepGraph | None = None
-        if networks != compile:
-            if data.device.type == "cuda":
-                self.step_graph = StepGraph(self.step, self.optimizer)
-            else:
-                warnings.warn(f"compile {compile!r} records CUDA graphs and needs a CUDA device: "
-                              f"steps on {data.device.type} run eagerly", stacklevel=2)  # fmt: skip
+            params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+            **self.fast.optimizer_options(),
+        )  # fmt: skip
+        self.fast.record_steps(self.step, self.optimizer)
         # The run's own copy of the training images, only when the method writes into it (KCD's augmentation):
         # the dataset the user handed in stays as it was.
         self.images = data.train_images.clone() if self.method.modifies_images else None
@@ -229,11 +140,10 @@ class Trainer:
         seen = 0
         steps = -(-n_points // self.recipe.batch_size)
         batches = self.data.train_batches(points, self.recipe.batch_size, self.seed, epoch, images=self.images)
-        step = self.step if self.step_graph is None else self.step_graph
+        step = self.fast.step_graph or self.step
         for x, y, idx in _bar(batches, steps, f"epoch {epoch}/{self.recipe.epochs}", self.progress):
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, self.precision):
+            x = self.fast.batch(x)
+            with self.fast.autocast():
                 x, y, idx = self.method.select((x, y, idx), self.student)
             if self.teacher is not None:
                 self.points_distilled += x.shape[0]
@@ -258,14 +168,14 @@ class Trainer:
         softmax entropy ``H(p_s)`` (KCD's per-step value, from this same forward) and the number of correct
         top-1 predictions. Nothing in it waits for the device, so it can be recorded as a CUDA graph."""
         features = self.distiller.needs_features
-        with autocast(x.device, self.precision):
+        with self.fast.autocast():
             t_feats = t_logits = None
             if self.teacher is not None:
                 with torch.no_grad():
                     t_feats, t_logits = forward(self._teacher, x, features)
             s_feats, s_logits = forward(self._student, x, features)
         # Losses in fp32 whatever the networks ran in.
-        s_feats, t_feats = _fp32(s_feats), _fp32(t_feats)
+        s_feats, t_feats = fp32(s_feats), fp32(t_feats)
         s_logits, t_logits = s_logits.float(), None if t_logits is None else t_logits.float()
         losses = self.distiller(s_feats, s_logits, t_feats, t_logits, y, idx)
         loss = sum(losses.values())
@@ -279,7 +189,8 @@ class Trainer:
         """Train the next epoch on the method's points, evaluate, and let the method end the epoch."""
         epoch = self.epoch + 1
         start = time.perf_counter()
-        row = {"epoch": epoch, **self.train_pass(epoch, self.method.epoch_points(epoch))}
+        with self.fast.training():
+            row = {"epoch": epoch, **self.train_pass(epoch, self.method.epoch_points(epoch))}
         self.check_finite(epoch, row["train_loss"])
         row["top1"], row["top5"] = evaluate(self.student, self.data, precision=self.precision)
         row.update(self.method.end_epoch(epoch, self.images))
@@ -347,16 +258,8 @@ class Trainer:
         }
 
     def execution(self) -> dict[str, Any]:
-        """How the steps ran: the ``compile`` mode asked for, whether any of it fell back to eager (with a warning),
-        and how many times the step was recorded as a CUDA graph."""
-        compiled = [m for m in (self._student, self._teacher) if isinstance(m, _Compiled)]
-        graph = self.step_graph
-        graph_wanted = self.compile in ("graph", "default+graph")
-        return {
-            "compile": self.compile,
-            "eager_fallback": any(m.failed for m in compiled) or (graph_wanted and (graph is None or graph.failed)),
-            "graph_recordings": 0 if graph is None else graph.recordings,
-        }
+        """How the steps ran (:meth:`kcdlib.fastpath.FastPath.execution`)."""
+        return self.fast.execution()
 
     # -- checkpointing ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -389,138 +292,6 @@ class Trainer:
         self.points_trained = state["points_trained"]
         self.history = state["history"]
         self.wall_seconds = state["wall_seconds"]
-
-
-# How the training step runs. off: eagerly. default: torch.compile'd networks. reduce-overhead: the same, each
-# network's forward and backward as CUDA graphs (torch's). graph: the whole step (both forwards, the losses,
-# backward, SGD) recorded as one CUDA graph of eager kernels (StepGraph). default+graph: that, with compiled
-# networks inside.
-COMPILE_MODES = ("off", "default", "reduce-overhead", "graph", "default+graph")
-
-
-def capture_cuda_graph(fn: Callable[[], None], stream: torch.cuda.Stream) -> Callable[[], None]:
-    """Record the kernels ``fn`` launches on ``stream`` as one CUDA graph (nothing runs yet); returns its replay."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        fn()
-    return graph.replay
-
-
-class StepGraph:
-    """The whole training step recorded once as a CUDA graph and replayed for every batch of the same shape.
-
-    Eager PyTorch spends more host time launching a step's kernels than a GPU spends running them at batch 64; a
-    replay launches them all at once. A graph replays its kernels on the memory it recorded them on, so each
-    batch is copied into static inputs and the step's outputs are read from static outputs (valid until the next
-    replay). What the graph bakes in is watched: it is recorded again when the learning rate changes (the
-    milestones), and batches of another shape (an epoch's short last batch) run eagerly. Before the first
-    recording, ``warmup`` eager steps on the stream it records on create what must not be created while
-    recording (cuDNN's autotuned algorithms, cuBLAS's per-stream workspace, SGD's momentum buffers). If recording
-    fails, a warning says why and every step from then on runs eagerly.
-    """
-
-    def __init__(self, step, optimizer: torch.optim.Optimizer, warmup: int = 3, capture=capture_cuda_graph):
-        self.step, self.optimizer, self.warmup, self.capture = step, optimizer, warmup, capture
-        self.shape: torch.Size | None = None  # the batch shape it records: the first batch's
-        self.key: tuple[float, ...] | None = None  # the learning rates the recorded graph holds
-        self.replay: Callable[[], None] | None = None
-        self.inputs: tuple[torch.Tensor, ...] = ()
-        self.outputs: tuple[torch.Tensor, ...] = ()
-        self.gradients: list[torch.Tensor | None] = []
-        self.recordings = 0
-        self.failed = False
-        self.stream: torch.cuda.Stream | None = None  # the side stream of warm-up and recording (CUDA only)
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
-        if self.shape is None:
-            self.shape = x.shape
-        if self.failed or x.shape != self.shape:
-            return self.step(x, y, idx)
-        key = tuple(float(group["lr"]) for group in self.optimizer.param_groups)
-        if key != self.key:
-            if self.warmup > 0:
-                self.warmup -= 1
-                return self._on_side_stream(x, y, idx)
-            try:
-                self._record(x, y, idx, key)
-            except Exception as err:  # noqa: BLE001 - any recording failure means: run eagerly
-                warnings.warn(f"recording the training step as a CUDA graph failed, running eagerly: {err!r:.300}",
-                              stacklevel=2)  # fmt: skip
-                self.failed, self.replay, self.key = True, None, None
-                self.optimizer.zero_grad(set_to_none=True)
-                return self.step(x, y, idx)
-        for static, t in zip(self.inputs, (x, y, idx)):
-            static.copy_(t)
-        self.replay()
-        return self.outputs
-
-    def _record(self, x, y, idx, key) -> None:
-        # Release the previous graph (and its memory) before recording the next.
-        self.replay, self.key, self.gradients = None, None, []
-        self.inputs = tuple(t.clone() for t in (x, y, idx))  # clone keeps channels-last strides
-        # Gradients are then allocated while recording, in the graph's own memory, and rewritten by each replay.
-        self.optimizer.zero_grad(set_to_none=True)
-
-        def body():
-            self.outputs = self.step(*self.inputs)
-
-        self.replay = self.capture(body, self._side_stream(x))
-        # The gradients the graph writes, kept allocated when an eager step (a short batch) sets .grad to None.
-        self.gradients = [p.grad for group in self.optimizer.param_groups for p in group["params"]]
-        self.key = key
-        self.recordings += 1
-
-    def _side_stream(self, x: torch.Tensor) -> torch.cuda.Stream | None:
-        if self.stream is None and x.is_cuda:
-            self.stream = torch.cuda.Stream(x.device)
-        return self.stream
-
-    def _on_side_stream(self, x, y, idx):
-        stream = self._side_stream(x)
-        if stream is None:
-            return self.step(x, y, idx)
-        stream.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(stream):
-            out = self.step(x, y, idx)
-        torch.cuda.current_stream(x.device).wait_stream(stream)
-        return out
-
-
-class _Compiled:
-    """``torch.compile(model, mode)``, falling back to the eager model (with a warning) if compilation fails,
-    so the same code runs on any torch and device; ``reduce-overhead`` adds CUDA graphs (fixed shapes)."""
-
-    def __init__(self, model: nn.Module, mode: str):
-        self.model, self.failed = model, False
-        self.graphs = mode == "reduce-overhead"
-        self.fn = torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
-
-    def __call__(self, *args, **kwargs):
-        if not self.failed:
-            try:
-                if not self.graphs:
-                    return self.fn(*args, **kwargs)
-                # A CUDA graph's outputs live in memory its next replay reuses, and the teacher's and the
-                # student's graphs share one pool: start a new step and copy the outputs out at once.
-                torch.compiler.cudagraph_mark_step_begin()
-                return torch.utils._pytree.tree_map(lambda t: t.clone(), self.fn(*args, **kwargs))
-            except Exception as err:  # noqa: BLE001 - any compiler failure means: run eagerly
-                warnings.warn(f"torch.compile failed, running eagerly: {err!r:.300}", stacklevel=2)
-                self.failed = True
-        return self.model(*args, **kwargs)
-
-
-def _compiled(model: nn.Module, mode: str):
-    return model if mode == "off" else _Compiled(model, mode)
-
-
-def _fp32(feats):
-    return None if feats is None else [f.float() for f in feats]
-
-
-def _fast_step(device: torch.device) -> dict[str, bool]:
-    """One fused kernel for the SGD update on CUDA (no per-parameter launches); foreach elsewhere."""
-    return {"fused": True} if device.type == "cuda" else {"foreach": True}
 
 
 def _bar(iterable, total, desc, enabled, initial=0):

@@ -14,12 +14,12 @@ from kcdlib.condense import (
     apply_mix,
     first_stage_points,
     keep_schedule,
-    released_code_schedule,
     schedule_computation,
     summarize,
     value_labels,
 )
 from kcdlib.errors import BadOption, CheckpointError, KcdError
+from kcdlib.released import released_code_schedule
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import kcdlib.data as data_module
+import kcdlib.data.cifar100 as cifar100_module
+import kcdlib.data.fingerprints as fingerprints_module
 from kcdlib.data import crop_flip, fingerprint, load_cifar100, load_dataset, load_digits, read_cifar100_split
 from kcdlib.errors import DatasetInvalid, DatasetMissing, KcdError, UnknownName
 
@@ -286,7 +287,7 @@ def test_digits_fingerprint_is_stable():
 
 
 def test_fingerprint_of_unknown_or_missing_data(tmp_path):
-    with pytest.raises(UnknownName, match="digits, cifar100, imagenet"):
+    with pytest.raises(UnknownName, match="known datasets: cifar100, digits, imagenet"):
         fingerprint("mnist", str(tmp_path))
     with pytest.raises(DatasetMissing, match="imagenet"):
         fingerprint("imagenet", str(tmp_path))
@@ -323,8 +324,8 @@ def test_cifar100_fingerprint_is_cached_beside_the_data_for_its_key(tmp_path, mo
     def no_hashing(*args):
         raise AssertionError("recomputed")
 
-    monkeypatch.setattr(data_module, "_sha256_file", no_hashing)
-    monkeypatch.setattr(data_module, "_load_cifar100_split", no_hashing)
+    monkeypatch.setattr(fingerprints_module, "sha256_file", no_hashing)
+    monkeypatch.setattr(cifar100_module, "_load_cifar100_split", no_hashing)
     assert fingerprint("cifar100", root) == fp
     age(folder / "test", seconds=7200)  # another mtime: another key, the cache no longer answers
     with pytest.raises(AssertionError, match="recomputed"):
@@ -364,20 +365,20 @@ def test_a_damaged_fingerprint_cache_is_ignored_and_rewritten(tmp_path, monkeypa
 
 def test_a_read_only_data_folder_caches_the_fingerprint_in_the_user_cache(tmp_path, monkeypatch):
     root, folder = fake_cifar100_for_fingerprints(tmp_path, monkeypatch)
-    write = data_module._write_json_atomic
+    write = fingerprints_module.write_json_atomic
 
     def read_only_data(path, obj):  # root may write anywhere, so a read-only folder is played by a refusal
         if path.startswith(str(tmp_path / "data")):
             raise PermissionError(13, "Permission denied", path)
         write(path, obj)
 
-    monkeypatch.setattr(data_module, "_write_json_atomic", read_only_data)
+    monkeypatch.setattr(fingerprints_module, "write_json_atomic", read_only_data)
     fp = fingerprint("cifar100", root)
     assert not (folder / ".kcd-fingerprint.json").exists()
     name = hashlib.sha256(os.fsencode(os.path.abspath(folder))).hexdigest()
     fallback = tmp_path / "xdg" / "kcdlib" / "fingerprints" / f"{name}.json"
     assert json.loads(fallback.read_text())["fingerprint"] == fp
-    monkeypatch.setattr(data_module, "_sha256_file", lambda path: pytest.fail("recomputed"))
+    monkeypatch.setattr(fingerprints_module, "sha256_file", lambda path: pytest.fail("recomputed"))
     assert fingerprint("cifar100", root) == fp
 
 
@@ -388,9 +389,9 @@ def test_a_fingerprint_that_cannot_be_cached_anywhere_is_computed_each_time(tmp_
         raise PermissionError(13, "Permission denied", path)
 
     hashed = []
-    sha256_file = data_module._sha256_file
-    monkeypatch.setattr(data_module, "_write_json_atomic", refuse)
-    monkeypatch.setattr(data_module, "_sha256_file", lambda path: hashed.append(path) or sha256_file(path))
+    sha256_file = fingerprints_module.sha256_file
+    monkeypatch.setattr(fingerprints_module, "write_json_atomic", refuse)
+    monkeypatch.setattr(fingerprints_module, "sha256_file", lambda path: hashed.append(path) or sha256_file(path))
     fp = fingerprint("cifar100", root)
     assert fingerprint("cifar100", root) == fp and len(hashed) == 2
     assert fp["train_sha256"] == hashlib.sha256((folder / "train").read_bytes()).hexdigest()
@@ -435,7 +436,7 @@ def test_imagenet_in_the_readme_layout(tmp_path, monkeypatch, capsys):
     age(*(p for p in (tmp_path / "imagenet").rglob("*.JPEG")))
     assert fingerprint("imagenet", str(tmp_path)) == changed
     assert json.loads((tmp_path / "imagenet" / ".kcd-fingerprint.json").read_text())["fingerprint"] == changed
-    monkeypatch.setattr(data_module, "_sha256_file", lambda path: pytest.fail("recomputed"))
+    monkeypatch.setattr(fingerprints_module, "sha256_file", lambda path: pytest.fail("recomputed"))
     assert fingerprint("imagenet", str(tmp_path)) == changed
 
 

@@ -10,9 +10,11 @@ import torch
 from conftest import CHILD_ENV, STUDENT, TEACHER_EPOCHS, copy_run, short_kd
 
 from kcdlib.condense import softmax_entropy
+from kcdlib.data import spec
+from kcdlib.fastpath import StepGraph
 from kcdlib.methods import Method, MethodContext
 from kcdlib.runs import RunStore, distill_config
-from kcdlib.train import Recipe, StepGraph, Trainer, default_recipe
+from kcdlib.train import Recipe, Trainer
 
 VOLATILE = {"wall_seconds", "seconds"}
 
@@ -99,12 +101,12 @@ def test_entropy_of_uniform_and_peaked_logits():
 
 
 def test_lr_schedule_scales_with_the_run():
-    paper = default_recipe("cifar100", "resnet8x4")
+    paper = spec("cifar100").recipe("resnet8x4")
     assert paper.epochs == 240 and paper.batch_size == 64
     assert [paper.lr_at(e) for e in (1, 150, 151, 180, 181, 210, 211, 240)] == pytest.approx([
         0.05, 0.05, 0.005, 0.005, 0.0005, 0.0005, 0.00005, 0.00005,
     ])  # fmt: skip
-    assert default_recipe("cifar100", "ShuffleV2").lr == 0.01
+    assert spec("cifar100").recipe("ShuffleV2").lr == 0.01
     short = Recipe(epochs=24)
     assert short.lr_at(15) == 0.05 and abs(short.lr_at(16) - 0.005) < 1e-12
 
@@ -183,7 +185,7 @@ def graph_run(store, teacher, capture=None, warmup=2):
     trainer = store.build_trainer(short_kd(teacher, epochs=3, seed=5), progress=False)
     trainer.method = HalfSet(MethodContext(trainer.data.num_train, 3, 5))
     if capture is not None:
-        trainer.step_graph = StepGraph(trainer.step, trainer.optimizer, warmup=warmup, capture=capture)
+        trainer.fast.step_graph = StepGraph(trainer.step, trainer.optimizer, warmup=warmup, capture=capture)
     rows = [trainer.train_pass(epoch, torch.arange(700)) for epoch in (1, 3)]
     return trainer, rows
 
@@ -205,7 +207,7 @@ def test_step_graph_replays_the_eager_step_exactly(store, digits_teacher, eager_
 
     trainer, rows = graph_run(store, digits_teacher, capture)
     eager, eager_rows = eager_run
-    graph = trainer.step_graph
+    graph = trainer.fast.step_graph
     assert len(recorded) == trainer.execution()["graph_recordings"] == 2  # after the warm-up; at the new lr
     assert len(replays) == 2 * 10 - 2 and graph.shape[0] == 64  # every full batch but the warm-up's two
     assert rows == eager_rows
@@ -221,7 +223,7 @@ def test_step_graph_that_cannot_record_warns_and_runs_eagerly(store, digits_teac
 
     with pytest.warns(UserWarning, match="CUDA graph failed, running eagerly"):
         trainer, rows = graph_run(store, digits_teacher, capture, warmup=0)
-    assert trainer.step_graph.failed and rows == eager_run[1]
+    assert trainer.fast.step_graph.failed and rows == eager_run[1]
     for a, b in zip(trainer.student.parameters(), eager_run[0].student.parameters()):
         assert torch.equal(a, b)
 
@@ -230,7 +232,7 @@ def test_graph_mode_without_cuda_says_so_and_runs_eagerly(store, digits_teacher)
     cfg = short_kd(digits_teacher, epochs=1)
     with pytest.warns(UserWarning, match="needs a CUDA device"):
         trainer = RunStore(store.root, device="cpu", compile="graph").build_trainer(cfg, progress=False)
-    assert trainer.step_graph is None and trainer.execution()["eager_fallback"]
+    assert trainer.fast.step_graph is None and trainer.execution()["eager_fallback"]
     with pytest.raises(ValueError, match="compile must be one of"):
         RunStore(store.root, device="cpu", compile="graphs").build_trainer(cfg, progress=False)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+import zoo_golden
 from torch import nn
 
 import kcdlib
@@ -83,6 +84,18 @@ def test_state_dict_keys_shapes_order_and_parameter_count(name, capsys):
     got = [[k, list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in model.state_dict().items()]
     assert got == REF[name]["state_dict"]
     assert sum(p.numel() for p in model.parameters()) == REF[name]["num_params"]
+
+
+GOLDEN = json.loads(zoo_golden.GOLDEN.read_text())
+
+
+@pytest.mark.parametrize("name", zoo_golden.CIFAR_ARCHS)
+def test_logits_of_fixed_weights_equal_the_golden_ones(name):
+    """The forward pass is pinned: fixed weights and input give the recorded logits (tests/zoo_golden.py)."""
+    expected = torch.tensor(GOLDEN[name], dtype=torch.float64)
+    got = zoo_golden.logits(built(name))
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9 * scale)
 
 
 @needs_ref

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import pandas as pd
 
 from .. import condense, cost, distillers, models
+from .. import data as datasets
 from ..methods import METHODS
 from ..profiles import Profile, get_profile
 from ..runs import RunConfig, RunStore, distill_config, teacher_config
@@ -36,19 +37,11 @@ class DatasetFacts(NamedTuple):
     test: int  # test images
 
 
-# What the artefacts and the planner know of a dataset without its files: digits is kcdlib.data's fixed 80/20
-# stratified split of scikit-learn's 1,797 8x8 images (upsampled to 16); CIFAR-100 50,000/10,000; ImageNet-1k
-# (ILSVRC-2012) 1,281,167 training and 50,000 validation images. Read only through :func:`dataset_facts`.
-_DATASET_FACTS = {
-    "digits": DatasetFacts(10, 16, 1_437, 360),
-    "cifar100": DatasetFacts(100, 32, 50_000, 10_000),
-    "imagenet": DatasetFacts(1000, 224, 1_281_167, 50_000),
-}
-
-
 def dataset_facts(name: str) -> DatasetFacts:
-    """Classes, image side and split sizes of dataset ``name`` (the one place that reads them)."""
-    return _DATASET_FACTS[name]
+    """Classes, image side and split sizes of dataset ``name``, known without its files (the dataset registry's
+    spec; the one place the artefacts read it)."""
+    spec = datasets.spec(name)
+    return DatasetFacts(spec.num_classes, spec.image_size, spec.num_train, spec.num_test)
 
 
 # -- the declaration -----------------------------------------------------------------------------------------

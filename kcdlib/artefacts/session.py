@@ -13,10 +13,10 @@ from typing import Any
 
 from .. import distillers, methods, options
 from ..errors import BadOption
+from ..fastpath import COMPILE_MODES
 from ..files import atomic_write
 from ..profiles import Profile, get_profile, published_teachers
 from ..runs import MAX_SEED, RunConfig, RunStore
-from ..train import COMPILE_MODES
 from .common import unique
 
 # The course's knobs: notebook parameter -> the distiller option it sets (every distiller that has it; UNIX's own

@@ -1,0 +1,190 @@
+"""ImageNet as ImageFolder directories (1.28M full-size images fit on no device), decoded by DataLoader workers
+with PIL (``decode="pil"``, the default) or on the training device (``decode="gpu"``: :mod:`.gpu_decode`)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+
+import torch
+
+from ..errors import BadOption, DatasetInvalid, DatasetMissing
+from . import fingerprints
+from .device import Batch, epoch_generator
+from .gpu_decode import DeviceDecoder, crop_draws
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# How training images are decoded and augmented: a run option (the pixels differ), see kcdlib.runs.RunConfig.
+DECODES = ("pil", "gpu")
+
+
+def _imagenet_folder(root: str) -> str:
+    """The folder holding ImageNet's ``train`` and ``val``: ``root/imagenet`` (the README's layout), else ``root``."""
+    for folder in (os.path.join(root, "imagenet"), root):
+        if all(os.path.isdir(os.path.join(folder, s)) for s in ("train", "val")):
+            return folder
+    layout = os.path.join(os.path.abspath(root), "imagenet")
+    raise DatasetMissing(
+        f"ImageNet was not found under '{os.path.abspath(root)}': expected ImageFolder directories "
+        f"'{os.path.join(layout, 'train')}' and '{os.path.join(layout, 'val')}', one sub-folder per class "
+        "(or 'train' and 'val' directly under the data root)."
+    )
+
+
+def _image_folder(path: str, transform):
+    from torchvision import datasets
+
+    try:
+        return datasets.ImageFolder(path, transform)
+    except FileNotFoundError as err:  # torchvision's word for a split without class folders or images
+        raise DatasetInvalid(f"ImageNet split '{os.path.abspath(path)}' holds no images: {err}") from err
+
+
+class ImageNetData:
+    """ImageNet from ImageFolder ``root/imagenet/train`` and ``root/imagenet/val``, with torchvision's standard
+    transforms. Where ``root/imagenet`` lacks them, ``root/train`` and ``root/val`` are used.
+
+    Same interface as :class:`DeviceDataset` (``train_batches`` yields ``(images, labels, point_indices)``), but
+    the images are decoded from files batch by batch: ``decode="pil"`` by ``workers`` DataLoader processes with
+    PIL and torchvision's transforms, moved to ``device``; ``decode="gpu"`` on ``device`` itself (nvjpeg on CUDA,
+    libjpeg-turbo on a CPU), ``workers`` threads reading the files (:class:`.gpu_decode.DeviceDecoder`).
+    """
+
+    name = "imagenet"
+    num_classes = 1000
+    pad = 0
+
+    def __init__(self, root: str, device: str | torch.device = "cpu", workers: int = 8, decode: str = "pil"):
+        from torchvision import transforms
+
+        if decode not in DECODES:
+            raise BadOption(f"unknown decode '{decode}': one of {', '.join(DECODES)}")
+
+        folder = _imagenet_folder(root)
+        norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        self.train_set = _image_folder(
+            os.path.join(folder, "train"),
+            transforms.Compose(
+                [
+                    transforms.RandomResizedCrop(224),
+                    transforms.RandomHorizontalFlip(),
+                    transforms.ToTensor(),
+                    norm,
+                ]
+            ),
+        )
+        self.test_set = _image_folder(
+            os.path.join(folder, "val"),
+            transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), norm]),
+        )
+        self.num_classes = len(self.train_set.classes)
+        self.device = torch.device(device)
+        self.workers = workers
+        self.train_labels = torch.as_tensor(self.train_set.targets, dtype=torch.int64)
+        self.decode = decode
+        self.decoder = DeviceDecoder(self.device, IMAGENET_MEAN, IMAGENET_STD, workers) if decode == "gpu" else None
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_set)
+
+    @property
+    def image_size(self) -> int:
+        return 224
+
+    def _loader(self, dataset, order, batch_size):
+        return torch.utils.data.DataLoader(
+            torch.utils.data.Subset(_Indexed(dataset), order.tolist()),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    def train_batches(self, indices, batch_size, seed, epoch, images=None) -> Iterator[Batch]:
+        if images is not None:
+            raise NotImplementedError("ImageNet images are decoded from files; a replacement tensor is not possible")
+        if indices is None:
+            indices = torch.arange(self.num_train)
+        g = epoch_generator(seed, epoch)
+        order = indices.cpu()[torch.randperm(int(indices.numel()), generator=g)]
+        if self.decoder is not None:
+            # The whole epoch's crops and flips, one row per position of the order, drawn before the first batch.
+            draws = crop_draws(int(order.numel()), g)
+            yield from self.decoder.train_batches(self.train_set.samples, self.train_labels, order, draws, batch_size)
+            return
+        # Workers draw the crop/flip randomness; seed them per epoch for reproducible augmentation.
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+        for x, y, idx in self._loader(self.train_set, order, batch_size):
+            yield (x.to(self.device, non_blocking=True), y.to(self.device), idx.to(self.device))
+
+    def test_batches(self, batch_size: int = 256):
+        if self.decoder is not None:
+            yield from self.decoder.test_batches(self.test_set.samples, batch_size)
+            return
+        for x, y, _ in self._loader(self.test_set, torch.arange(len(self.test_set)), batch_size):
+            yield x.to(self.device, non_blocking=True), y.to(self.device)
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """Wraps a dataset so each item also carries its point index."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        return x, y, i
+
+
+def _image_files(split: str) -> list[str]:
+    """The files ImageFolder takes from ``split``, as sorted paths relative to it."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    try:
+        samples = make_dataset(split, find_classes(split)[1], IMG_EXTENSIONS)
+    except FileNotFoundError as err:  # torchvision's word for a split without class folders or images
+        raise DatasetInvalid(f"ImageNet split '{os.path.abspath(split)}' holds no images: {err}") from err
+    return sorted(os.path.relpath(path, split) for path, _ in samples)
+
+
+def imagenet_fingerprint(root: str) -> dict:
+    from tqdm.auto import tqdm
+
+    folder = _imagenet_folder(root)
+    try:
+        started = time.time_ns()
+        listing = {split: _image_files(os.path.join(folder, split)) for split in ("train", "val")}
+        stamp, newest = hashlib.sha256(), 0
+        for split, files in listing.items():
+            for rel in files:
+                st = os.stat(os.path.join(folder, split, rel))
+                stamp.update(os.fsencode(f"{split}/{rel}\0{st.st_size}\0{st.st_mtime_ns}\n"))
+                newest = max(newest, st.st_mtime_ns)
+        key = {"listing_sha256": stamp.hexdigest(), "files": sum(map(len, listing.values()))}
+
+        def compute() -> dict:
+            digest = hashlib.sha256()
+            train = os.path.join(folder, "train")
+            for rel in tqdm(listing["train"], desc="fingerprinting imagenet train", unit="img", dynamic_ncols=True):
+                # Path and content hash per file: renaming a class or moving an image changes the fingerprint.
+                content = fingerprints.sha256_file(os.path.join(train, rel))
+                digest.update(os.fsencode(rel) + b"\0" + bytes.fromhex(content))
+            return {
+                "name": "imagenet",
+                "num_train": len(listing["train"]),
+                "num_test": len(listing["val"]),
+                "train_sha256": digest.hexdigest(),
+            }
+
+        settled = started - newest > fingerprints.SETTLED_NS
+        return fingerprints.cached_fingerprint(folder, "imagenet", key, settled, compute)
+    except OSError as err:
+        raise DatasetMissing(f"ImageNet under '{os.path.abspath(folder)}' could not be read: {err}") from err
