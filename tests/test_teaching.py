@@ -11,6 +11,7 @@ from conftest import STUDENT
 
 from kcdlib import artefacts, condense, distillers
 from kcdlib.artefacts import five_minutes
+from kcdlib.errors import BadOption
 from kcdlib.runs import distill_config
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "kcd_in_five_minutes.md"
@@ -25,6 +26,8 @@ def test_three_seeds_by_default_on_smoke_and_the_given_ones_otherwise(tmp_path):
     assert {c.method for c in rows["KCD"]} == {"kcd"} and {c.method for c in rows["KD"]} == {"kd"}
     p1 = artefacts.setup("smoke", str(tmp_path), seeds=five_minutes.notebook_seeds("smoke", [1])).profile
     assert [(c.method, c.seed) for c in five_minutes.five_minutes_runs(p1)] == [("kd", 1), ("kcd", 1)]
+    with pytest.raises(BadOption, match="must be a list"):  # a bad parameter reaches setup's check as given
+        artefacts.setup("smoke", str(tmp_path), seeds=five_minutes.notebook_seeds("smoke", "1"))
 
 
 def test_the_notebook_hands_its_seeds_parameter_to_the_session(tmp_path):

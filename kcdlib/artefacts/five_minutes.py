@@ -30,11 +30,11 @@ from .common import Artefact, Table, dataset_facts, distill, fmt, mean_sd, perce
 TEACHING_SEEDS = {"smoke": (0, 1, 2)}
 
 
-def notebook_seeds(profile: str | Profile, given: Sequence[int] | None) -> list[int] | None:
-    """The seeds the notebook runs: ``given`` (its ``seeds`` parameter) when set, else the teaching default of the
-    profile (:data:`TEACHING_SEEDS`), else None (the profile's own)."""
+def notebook_seeds(profile: str | Profile, given: Sequence[int] | None) -> Sequence[int] | None:
+    """The seeds the notebook runs: ``given`` (its ``seeds`` parameter, checked by ``setup``) when set, else the
+    teaching default of the profile (:data:`TEACHING_SEEDS`), else None (the profile's own)."""
     if given is not None:
-        return list(given)
+        return given
     name = profile.name if isinstance(profile, Profile) else profile
     return list(TEACHING_SEEDS[name]) if name in TEACHING_SEEDS else None
 
