@@ -158,13 +158,16 @@ def main(profile, data_root, runs_dir, out, device, jpd, epochs, stage, teacher,
                                   teacher_epochs=int(teacher))
         p, store = session.profile, session.store
         artefact = artefacts.get(name)
-        records = session.ensure(artefact.runs(p), progress=False)
+        session.ensure(artefact.runs(p), progress=False)
         if artefact.build is None:  # the teaching notebook: its stage table, replay and curves
-            kd_cfg, kcd_cfg = artefact.runs(p)
-            kd, kcd = records
-            five_minutes.stage_table(kcd, store.dataset(p.dataset).num_train).to_csv(out / f"{name}_stages.csv")
+            rows = artefact.declare(p)
+            recs = {row: [store.record(c) for c in cfgs] for row, cfgs in rows.items()}
+            n = store.dataset(p.dataset).num_train
+            kcd_cfg = rows["KCD"][0]
+            five_minutes.stage_table(recs["KCD"], kcd_cfg, n).to_csv(out / f"{name}_stages.csv")
             five_minutes.watch_kcd(store, kcd_cfg)
-            five_minutes.accuracy_curves(store, {"KD": kd_cfg, "KCD": kcd_cfg}).to_csv(out / f"{name}_curves.csv")
+            five_minutes.accuracy_vs_computation(recs, n, p.epochs).to_csv(out / f"{name}_curves.csv")
+            kd, kcd = recs["KD"][0], recs["KCD"][0]
             numbers = {"kd_top1": kd["final_top1"], "kcd_top1": kcd["final_top1"],
                        "kcd_computation": kcd["computation"]}
         else:
