@@ -63,6 +63,7 @@ __all__ = [
     "apply_mix",
     "first_stage_points",
     "keep_schedule",
+    "mix_pixels",
     "schedule_computation",
     "summarize",
     "untrained_first",
@@ -440,11 +441,21 @@ def apply_mix(images: torch.Tensor, plan: SummaryPlan) -> torch.Tensor:
     shape = (-1,) + (1,) * (images.dim() - 1)
     r = ratios.to(device, torch.float32).reshape(shape)
     # index_select copies: all reads happen before the single write below.
-    own = images.index_select(0, targets).to(torch.float32)
-    partner = images.index_select(0, sources).to(torch.float32)
-    mixed = own * r + partner * (1 - r)
-    images.index_copy_(0, targets, mixed.to(torch.uint8))
+    mixed = mix_pixels(images.index_select(0, targets), images.index_select(0, sources), r)
+    images.index_copy_(0, targets, mixed)
     return images
+
+
+def mix_pixels(own: torch.Tensor, partner: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """VAKS's pixel formula, the one place it is computed: ``r · own + (1 − r) · partner`` as uint8.
+
+    ``own`` and ``partner`` are uint8 of one shape, ``ratio`` float32 broadcastable to it (one ``r`` per image).
+    In float32, ``1 − r`` rounded to float32 first, each product and the sum rounded once, then truncated toward
+    zero to uint8: the released code's arithmetic, bit for bit. :func:`apply_mix` (images in memory) and
+    :class:`kcdlib.data.mixing.MixRecipes` (images decoded from files) both mix through it.
+    """
+    r = ratio.to(own.device, torch.float32)
+    return (own.to(torch.float32) * r + partner.to(torch.float32) * (1 - r)).to(torch.uint8)
 
 
 def value_labels(plan: SummaryPlan, num_points: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from . import condense
+from .data.mixing import MixRecipes
 from .errors import BadOption
 from .options import Option, between, canonical, check_name, non_negative, positive
 
@@ -48,6 +49,8 @@ class Method:
     name = "kd"
     # Whether the method writes into the run's own copy of the training images (KCD's knowledge augmentation).
     modifies_images = False
+    # For a dataset decoded from files, the same augmentation as recipes the loader applies (kcdlib.data.mixing).
+    mix_recipes: MixRecipes | None = None
     # Options this method accepts, with their paper defaults and rules (anything else is refused).
     option_specs: dict[str, Option] = {}
     # The distiller the method's loss needs in place of plain KD (UNIX trains on KD alone), or None.
@@ -102,6 +105,9 @@ class KCD(Method):
     ``value`` ``entropy`` or ``random`` (same schedule, random ranking: the ablation baseline), ``untrained``
     ``first`` (points never trained rank ahead of all others at a condensation: every point is distilled at
     least once) or ``last`` (their score 0 ranks them last: the paper read literally).
+
+    The mixes go into the run's own copy of the images when the dataset is held in memory; for one decoded from
+    files (ImageNet) they are kept as :attr:`mix_recipes`, part of the checkpointed state, which the loader replays.
     """
 
     name = "kcd"
@@ -134,12 +140,10 @@ class KCD(Method):
         super().__init__(context)
         o = self.options
         n, epochs = context.num_points, context.epochs
+        # Images decoded from files (ImageNet) cannot be rewritten: their mixes are kept as recipes instead.
+        self.modifies_images = o["augment"] != "none" and context.images_in_memory
         if o["augment"] != "none" and not context.images_in_memory:
-            raise BadOption(
-                "KCD's knowledge augmentation rewrites the stored training images, and this dataset is decoded "
-                "from files (ImageNet): run it with --augment none, or on a dataset held in memory"
-            )
-        self.modifies_images = o["augment"] != "none"
+            self.mix_recipes = MixRecipes(n)
         self.T = int(o["stage_epochs"])
         self.sizes = condense.keep_schedule(o["schedule"], n, epochs, self.T, o["rho"])
         self.values = condense.ValueRecord(n, context.device)
@@ -177,6 +181,9 @@ class KCD(Method):
         if plan.mix_targets.numel() and images is not None:
             condense.apply_mix(images, _on(plan, images.device))
             self.images_version += 1
+        elif plan.mix_targets.numel() and self.mix_recipes is not None:
+            self.mix_recipes.add(stage, plan)
+            self.images_version += 1
         was_in = torch.zeros(self.context.num_points, dtype=torch.bool)
         was_in[self.points] = True
         kept = plan.kept.cpu()
@@ -185,6 +192,8 @@ class KCD(Method):
         self.stages.append({
             "stage": stage + 1, "kept": new, "reentered": int((~was_in[kept]).sum()),
             "mixed": int(plan.mix_targets.numel()),
+            # Decoded from files: the most files one sample now needs (at most 2^condensations).
+            **({"most_decodes": self.mix_recipes.most_decodes()} if self.mix_recipes is not None else {}),
         })  # fmt: skip
         return {"stage": stage, "condensed_to": new}
 
@@ -205,12 +214,15 @@ class KCD(Method):
             "labels": self.labels,
             "stages": self.stages,
             "images_version": self.images_version,
+            **({"mix_recipes": self.mix_recipes.state_dict()} if self.mix_recipes is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.values.load_state_dict(state["values"])
         self.points, self.labels = state["points"], state["labels"]
         self.stages, self.images_version = state["stages"], state["images_version"]
+        if self.mix_recipes is not None:
+            self.mix_recipes.load_state_dict(state["mix_recipes"])
 
 
 def _on(plan: condense.SummaryPlan, device: torch.device) -> condense.SummaryPlan:

@@ -139,7 +139,9 @@ class Trainer:
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         steps = -(-n_points // self.recipe.batch_size)
-        batches = self.data.train_batches(points, self.recipe.batch_size, self.seed, epoch, images=self.images)
+        # The run's own images: a tensor in memory, or the method's mix recipes for a dataset decoded from files.
+        images = self.images if self.images is not None else self.method.mix_recipes
+        batches = self.data.train_batches(points, self.recipe.batch_size, self.seed, epoch, images=images)
         step = self.fast.step_graph or self.step
         for x, y, idx in _bar(batches, steps, f"epoch {epoch}/{self.recipe.epochs}", self.progress):
             x = self.fast.batch(x)

@@ -196,11 +196,10 @@ def test_post_decode_sees_each_point_before_the_crop(data):
         seen.append((point, image.dtype, image.shape[0]))
         return torch.zeros_like(image) if point == 3 else image
 
-    data.decoder.post_decode = mix
-    try:
-        x, _, idx = (torch.cat(t) for t in zip(*data.train_batches(None, 4, 0, 1)))
-    finally:
-        data.decoder.post_decode = None
+    order = torch.arange(data.num_train)
+    draws = gd.crop_draws(data.num_train, torch.Generator().manual_seed(0))
+    batches = data.decoder.train_batches(data.train_set.samples, data.train_labels, order, draws, 4, mix)
+    x, _, idx = (torch.cat(t) for t in zip(*batches))
     assert sorted(p for p, _, _ in seen) == list(range(11)) and {(d, c) for _, d, c in seen} == {(torch.uint8, 3)}
     black = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(3, 1, 1)
     assert torch.allclose(x[idx.tolist().index(3)], black.expand(3, 224, 224), atol=1e-5)

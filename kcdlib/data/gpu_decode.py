@@ -17,8 +17,9 @@ torchvision's libjpeg-turbo decoder: that is how it is tested without a GPU.
 Files nvjpeg cannot take (not JPEG, CMYK, or refused when decoded) are decoded on the CPU in RGB and moved to the
 device; each epoch that had any says how many in a warning. Greyscale JPEGs are decoded to RGB by nvjpeg.
 
-Knowledge augmentation on file-decoded data applies its mix recipes in :meth:`DeviceDecoder.post_decode`: per
-sample, on the decoded uint8 ``(3, H, W)`` image, before the crop.
+Knowledge augmentation on file-decoded data applies its mix recipes as the ``post_decode`` step of
+:meth:`DeviceDecoder.train_batches` (:meth:`kcdlib.data.mixing.MixRecipes.image`): per sample, on the decoded uint8
+``(3, H, W)`` image, before the crop.
 """
 
 from __future__ import annotations
@@ -152,7 +153,6 @@ class DeviceDecoder:
 
     ``threads`` read the files; the next batch's files are read while the current one is decoded. On CUDA the
     JPEGs are decoded by nvjpeg; elsewhere by torchvision's CPU decoder (the same pixels libjpeg-turbo gives).
-    ``post_decode`` (None: the identity) is where per-point mix recipes apply, see :data:`PostDecode`.
     """
 
     def __init__(
@@ -161,11 +161,9 @@ class DeviceDecoder:
         mean: Sequence[float],
         std: Sequence[float],
         threads: int = 8,
-        post_decode: PostDecode | None = None,
     ):
         self.device = torch.device(device)
         self.threads = max(1, threads)
-        self.post_decode = post_decode
         self.cpu_decoded = 0  # images nvjpeg could not take, since the last warning
         self.nvjpeg = self.device.type == "cuda"  # the batched decode (with its fallbacks); else decode_image
         self._mean = torch.tensor([255.0 * m for m in mean], device=self.device).view(1, 3, 1, 1)
@@ -203,16 +201,16 @@ class DeviceDecoder:
         except RuntimeError:
             return None
 
-    def _post(self, points: list[int], images: list[torch.Tensor], samples) -> list[torch.Tensor]:
+    def _post(self, points: list[int], images: list[torch.Tensor], samples, post_decode) -> list[torch.Tensor]:
         """The per-sample step between decoding and cropping (knowledge augmentation's mix recipes)."""
-        if self.post_decode is None:
+        if post_decode is None:
             return images
         here = {p: k for k, p in enumerate(points)}
 
         def decode(j: int) -> torch.Tensor:
             return images[here[j]] if j in here else self.decode([read_bytes(samples[j][0])])[0]
 
-        return [self.post_decode(p, decode) for p in points]
+        return [post_decode(p, decode) for p in points]
 
     # -- augmentation ----------------------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -261,15 +259,22 @@ class DeviceDecoder:
                 yield start, [f.result() for f in current]
 
     def train_batches(
-        self, samples, labels: torch.Tensor, order: torch.Tensor, draws: torch.Tensor, batch_size: int
+        self,
+        samples,
+        labels: torch.Tensor,
+        order: torch.Tensor,
+        draws: torch.Tensor,
+        batch_size: int,
+        post_decode: PostDecode | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``(images, labels, point_indices)`` over the points ``order`` (an epoch's order), position ``p``
-        augmented with ``draws[p]``."""
+        augmented with ``draws[p]``; ``post_decode`` (None: the identity) is where per-point mix recipes apply, see
+        :data:`PostDecode`."""
         points = order.tolist()
         self.cpu_decoded = 0
         for start, blobs in self._read_ahead(samples, points, batch_size):
             batch = points[start : start + batch_size]
-            images = self._post(batch, self.decode(blobs), samples)
+            images = self._post(batch, self.decode(blobs), samples, post_decode)
             x = self.train_batch(images, draws[start : start + len(batch)])
             idx = order[start : start + len(batch)]
             yield x, labels[idx].to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True)

@@ -13,7 +13,8 @@ import torch
 from ..errors import BadOption, DatasetInvalid, DatasetMissing
 from . import fingerprints
 from .device import Batch, epoch_generator
-from .gpu_decode import DeviceDecoder, crop_draws
+from .gpu_decode import SIZE, DeviceDecoder, crop_draws
+from .mixing import MixedImageFolder, MixRecipes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,18 +51,24 @@ class ImageNetData:
     Same interface as :class:`DeviceDataset` (``train_batches`` yields ``(images, labels, point_indices)``), but
     the images are decoded from files batch by batch: ``decode="pil"`` by ``workers`` DataLoader processes with
     PIL and torchvision's transforms, moved to ``device``; ``decode="gpu"`` on ``device`` itself (nvjpeg on CUDA,
-    libjpeg-turbo on a CPU), ``workers`` threads reading the files (:class:`.gpu_decode.DeviceDecoder`).
+    libjpeg-turbo on a CPU), ``workers`` threads reading the files (:class:`.gpu_decode.DeviceDecoder`). ``crop``
+    is the side of the training crop (the paper's 224; validation images are resized to ``crop · 256/224`` and
+    centre-cropped; the device decoder crops 224 only).
     """
 
     name = "imagenet"
     num_classes = 1000
     pad = 0
 
-    def __init__(self, root: str, device: str | torch.device = "cpu", workers: int = 8, decode: str = "pil"):
+    def __init__(
+        self, root: str, device: str | torch.device = "cpu", workers: int = 8, crop: int = 224, decode: str = "pil"
+    ):
         from torchvision import transforms
 
         if decode not in DECODES:
             raise BadOption(f"unknown decode '{decode}': one of {', '.join(DECODES)}")
+        if decode == "gpu" and crop != SIZE:
+            raise BadOption(f"decode 'gpu' crops {SIZE} x {SIZE} (the paper's), got crop {crop}")
 
         folder = _imagenet_folder(root)
         norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
@@ -69,7 +76,7 @@ class ImageNetData:
             os.path.join(folder, "train"),
             transforms.Compose(
                 [
-                    transforms.RandomResizedCrop(224),
+                    transforms.RandomResizedCrop(crop),
                     transforms.RandomHorizontalFlip(),
                     transforms.ToTensor(),
                     norm,
@@ -78,11 +85,14 @@ class ImageNetData:
         )
         self.test_set = _image_folder(
             os.path.join(folder, "val"),
-            transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), norm]),
+            transforms.Compose(
+                [transforms.Resize(round(crop * 256 / 224)), transforms.CenterCrop(crop), transforms.ToTensor(), norm]
+            ),
         )
         self.num_classes = len(self.train_set.classes)
         self.device = torch.device(device)
         self.workers = workers
+        self.crop = crop
         self.train_labels = torch.as_tensor(self.train_set.targets, dtype=torch.int64)
         self.decode = decode
         self.decoder = DeviceDecoder(self.device, IMAGENET_MEAN, IMAGENET_STD, workers) if decode == "gpu" else None
@@ -93,7 +103,7 @@ class ImageNetData:
 
     @property
     def image_size(self) -> int:
-        return 224
+        return self.crop
 
     def _loader(self, dataset, order, batch_size):
         return torch.utils.data.DataLoader(
@@ -106,8 +116,12 @@ class ImageNetData:
         )
 
     def train_batches(self, indices, batch_size, seed, epoch, images=None) -> Iterator[Batch]:
-        if images is not None:
-            raise NotImplementedError("ImageNet images are decoded from files; a replacement tensor is not possible")
+        """``images``: the run's knowledge augmentation as :class:`~kcdlib.data.mixing.MixRecipes` (KCD), or None.
+        Files cannot be rewritten, so each mixed point is mixed in the worker after decoding, before the crop."""
+        if images is not None and not isinstance(images, MixRecipes):
+            raise NotImplementedError("ImageNet images are decoded from files: the run's own images come as "
+                                      "MixRecipes, a replacement tensor is not possible")  # fmt: skip
+        train_set = self.train_set if images is None else MixedImageFolder(self.train_set, images)
         if indices is None:
             indices = torch.arange(self.num_train)
         g = epoch_generator(seed, epoch)
@@ -115,11 +129,14 @@ class ImageNetData:
         if self.decoder is not None:
             # The whole epoch's crops and flips, one row per position of the order, drawn before the first batch.
             draws = crop_draws(int(order.numel()), g)
-            yield from self.decoder.train_batches(self.train_set.samples, self.train_labels, order, draws, batch_size)
+            # Mixed points are mixed on the device, after decoding and before the crop, as the workers do.
+            mix = None if images is None else images.image
+            yield from self.decoder.train_batches(self.train_set.samples, self.train_labels, order, draws, batch_size,
+                                                  mix)  # fmt: skip
             return
         # Workers draw the crop/flip randomness; seed them per epoch for reproducible augmentation.
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-        for x, y, idx in self._loader(self.train_set, order, batch_size):
+        for x, y, idx in self._loader(train_set, order, batch_size):
             yield (x.to(self.device, non_blocking=True), y.to(self.device), idx.to(self.device))
 
     def test_batches(self, batch_size: int = 256):
