@@ -28,6 +28,9 @@ def test_three_seeds_by_default_on_smoke_and_the_given_ones_otherwise(tmp_path):
     assert [(c.method, c.seed) for c in five_minutes.five_minutes_runs(p1)] == [("kd", 1), ("kcd", 1)]
     with pytest.raises(BadOption, match="must be a list"):  # a bad parameter reaches setup's check as given
         artefacts.setup("smoke", str(tmp_path), seeds=five_minutes.notebook_seeds("smoke", "1"))
+    # The plan (and kcd book's scheduling) counts the runs the notebook makes with its default parameters.
+    planned = artefacts.notebook_runs("smoke")["kcd_in_five_minutes"]
+    assert [(c.method, c.seed) for c in planned] == [("kd", s) for s in (0, 1, 2)] + [("kcd", s) for s in (0, 1, 2)]
 
 
 def test_the_notebook_hands_its_seeds_parameter_to_the_session(tmp_path):

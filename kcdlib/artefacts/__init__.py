@@ -54,9 +54,9 @@ def get(name: str) -> Artefact:
 
 
 def notebook_runs(profile: Profile | str) -> dict[str, list[RunConfig]]:
-    """The runs each notebook asks for, in the order ``kcd book`` executes them."""
+    """The runs each notebook asks for with its default parameters, in the order ``kcd book`` executes them."""
     p = get_profile(profile)
-    return {name: ARTEFACTS[name].runs(p) for name in names()}
+    return {name: ARTEFACTS[name].runs(ARTEFACTS[name].notebook_profile(p)) for name in names()}
 
 
 def all_runs(profile: Profile | str) -> list[RunConfig]:

@@ -54,7 +54,8 @@ class Artefact:
 
     ``declare(profile)`` lists the artefact's rows once: each row (or cell) key -> the runs behind it (one per
     seed). ``build(session)`` makes the table or figure from the records of those same runs. ``part`` is the
-    book part the page belongs to and ``order`` its place in the reading order."""
+    book part the page belongs to and ``order`` its place in the reading order. ``default_seeds``: profile name ->
+    the seeds the notebook runs when its ``seeds`` parameter is None (else the profile's)."""
 
     name: str
     title: str
@@ -62,10 +63,17 @@ class Artefact:
     order: int
     declare: Callable[[Profile], Declaration]
     build: Callable[[Session], Any] | None = None
+    default_seeds: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def runs(self, profile: Profile | str) -> list[RunConfig]:
         """Every run the artefact needs, each once, in the order of its declaration."""
         return unique(c for cfgs in self.declare(get_profile(profile)).values() for c in cfgs)
+
+    def notebook_profile(self, profile: Profile | str) -> Profile:
+        """The profile the notebook runs on with its default parameters (its own seeds where it has them)."""
+        p = get_profile(profile)
+        seeds = self.default_seeds.get(p.name)
+        return p if seeds is None else p.with_options(seeds=tuple(seeds))
 
 
 def unique(configs: Iterable[RunConfig]) -> list[RunConfig]:
