@@ -22,7 +22,7 @@
 #      TOTAL_S by its weight (paper 5, others 2), the last one all of it.
 # Where papermill, ipykernel or myst_nb is missing (the GPU machine's image has none of them, and nothing can be
 # installed there), `kcd book` cannot execute a notebook: the rehearsal then makes, per notebook, the calls the
-# notebook makes (kcdlib.report: setup, ensure the runs, build the table or figure; the five-minutes notebook's
+# notebook makes (kcdlib.artefacts: setup, ensure the runs, build the table or figure; the five-minutes notebook's
 # stage table and replay), in one python process per profile, and writes each artefact's numbers (CSV, JSON) into
 # $WORK/tables-<profile>; no notebook is executed and no HTML built. MODE=direct forces this, MODE=book runs
 # `kcd book` regardless; the summary's "mode" (and "note") says which ran.
@@ -141,39 +141,45 @@ import sys
 import time
 from pathlib import Path
 
-from kcdlib import report
-from kcdlib.book import NOTEBOOKS
+from kcdlib import artefacts
+from kcdlib.artefacts import five_minutes
 
 
 def main(profile, data_root, runs_dir, out, device, jpd, epochs, stage, teacher, compile_mode):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    for i, name in enumerate(NOTEBOOKS, 1):
+    names = artefacts.names()
+    for i, name in enumerate(names, 1):
         t = time.perf_counter()
-        print(f"[{i}/{len(NOTEBOOKS)}] {name}: executing ...", flush=True)
-        p, store = report.setup(profile, runs_dir, data_root, device, jobs_per_device=int(jpd), compile=compile_mode,
-                                epochs=int(epochs), stage_epochs=int(stage), teacher_epochs=int(teacher))
-        if name == "kcd_in_five_minutes":
-            kd_cfg, kcd_cfg = report.five_minutes_runs(p)
-            kd, kcd = report.ensure(store, [kd_cfg, kcd_cfg], progress=False)
-            report.stage_table(kcd, store.dataset(p.dataset).num_train).to_csv(out / f"{name}_stages.csv")
-            report.watch_kcd(store, kcd_cfg)
-            report.accuracy_curves(store, {"KD": kd_cfg, "KCD": kcd_cfg}).to_csv(out / f"{name}_curves.csv")
+        print(f"[{i}/{len(names)}] {name}: executing ...", flush=True)
+        session = artefacts.setup(profile, runs_dir, data_root, device, jobs_per_device=int(jpd),
+                                  compile=compile_mode, epochs=int(epochs), stage_epochs=int(stage),
+                                  teacher_epochs=int(teacher))
+        p, store = session.profile, session.store
+        artefact = artefacts.get(name)
+        session.ensure(artefact.runs(p), progress=False)
+        if artefact.build is None:  # the teaching notebook: its stage table, replay and curves
+            rows = artefact.declare(p)
+            recs = {row: [store.record(c) for c in cfgs] for row, cfgs in rows.items()}
+            n = store.dataset(p.dataset).num_train
+            kcd_cfg = rows["KCD"][0]
+            five_minutes.stage_table(recs["KCD"], kcd_cfg, n).to_csv(out / f"{name}_stages.csv")
+            five_minutes.watch_kcd(store, kcd_cfg)
+            five_minutes.accuracy_vs_computation(recs, n, p.epochs).to_csv(out / f"{name}_curves.csv")
+            kd, kcd = recs["KD"][0], recs["KCD"][0]
             numbers = {"kd_top1": kd["final_top1"], "kcd_top1": kcd["final_top1"],
                        "kcd_computation": kcd["computation"]}
         else:
-            runs, build = report.ARTEFACTS[name]
-            report.ensure(store, runs(p), progress=False)
-            artefact = build(store, p)
-            artefact.data.to_csv(out / f"{name}.csv", index=False)
-            numbers = artefact.key_numbers
+            made = artefact.build(session)
+            made.data.to_csv(out / f"{name}.csv", index=False)
+            numbers = made.key_numbers
             if name == "figure5":
-                artefact.figure.savefig(out / "figure5.png")
+                made.figure.savefig(out / "figure5.png")
             else:
-                print(artefact.caption)
+                print(made.caption)
         (out / f"{name}.json").write_text(json.dumps(numbers, default=str, indent=1) + "\n")
-        print(f"[{i}/{len(NOTEBOOKS)}] {name}: done in {time.perf_counter() - t:.0f} s", flush=True)
+        print(f"[{i}/{len(names)}] {name}: done in {time.perf_counter() - t:.0f} s", flush=True)
     print(f"notebooks' calls made in {time.perf_counter() - start:.0f} s (profile '{profile}', runs in {runs_dir})")
 
 

@@ -35,9 +35,13 @@ class DistillContext:
 DISTILLERS: dict[str, Callable[[DistillContext], Distiller]] = {}
 
 
-def register(name: str):
+def register(name: str, label: str | None = None):
+    """Register a distiller under ``name``; ``label`` is how the book's tables name it (default: ``name`` in
+    capitals, e.g. ``KD``; a KCD run of it is ``KC-<label>``)."""
+
     def add(cls):
         cls.name = name
+        cls.label = label or name.upper()
         DISTILLERS[name] = cls
         return cls
 
@@ -60,6 +64,7 @@ class Distiller(nn.Module):
     networks for their intermediate features (``is_feat=True``) rather than logits only."""
 
     name = "base"
+    label = "base"
     needs_teacher = True
     needs_features = False
     option_specs: dict[str, Option] = {}
@@ -108,7 +113,7 @@ class KD(Distiller):
         }
 
 
-@register("unix_kd")
+@register("unix_kd", label="UNIX's KD")
 class UnixKD(KD):
     """UNIX's loss: KD alone (``γ = 0, α = 1, T = 4``), as in its official code."""
 

@@ -1,7 +1,7 @@
 """Planning a build of the book: every run a profile needs, which of them the run store already holds, and how
 long the others will take. Nothing is trained, and the dataset need not be there.
 
-:func:`plan` lists the runs (``report.all_runs``, and the teachers they would train first), looks each up in the
+:func:`plan` lists the runs (``artefacts.all_runs``, and the teachers they would train first), looks each up in the
 store, and estimates its device time from a few training steps timed on the current device: the real
 :class:`~kcdlib.train.Trainer` over synthetic random uint8 images of the dataset's size and class count, one
 timing per (dataset, teacher, student, distiller), multiplied by the samples the run will process. What the
@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from . import condense, cost, models, report
+from . import artefacts, condense, cost, models
 from . import data as datasets
 from .data import DeviceDataset
 from .distillers import DISTILLERS, DistillContext
@@ -211,7 +211,7 @@ def h200_estimate(profile: str | Profile, jobs_per_device: int = 4, devices: int
     order: notebook by notebook, each notebook's teachers first, :func:`simulate_wall`)."""
     p = get_profile(profile)
     with cpu_threads(CPU_TIMING_THREADS):  # the multiply-add counts
-        configs = with_teachers(report.all_runs(p))
+        configs = with_teachers(artefacts.all_runs(p))
         seconds = {cfg.options_hash: h200_run_seconds(cfg) for cfg in configs}
         groups = notebook_phases(p, set(seconds), seconds)
     total = sum(seconds.values())
@@ -243,11 +243,7 @@ def with_teachers(configs: Iterable[RunConfig]) -> list[RunConfig]:
 
 def notebook_runs(p: Profile) -> dict[str, list[RunConfig]]:
     """The runs each notebook of the book asks for, in the order ``kcd book`` executes them."""
-    from .book import NOTEBOOKS
-
-    runs = {name: funcs[0] for name, funcs in report.ARTEFACTS.items()}
-    runs["kcd_in_five_minutes"] = report.five_minutes_runs
-    return {name: report.unique(runs[name](p)) for name in NOTEBOOKS if name in runs}
+    return artefacts.notebook_runs(p)
 
 
 def notebook_phases(p: Profile, to_train: set[str], seconds: dict[str, float]) -> list[list[list[float]]]:
@@ -257,7 +253,7 @@ def notebook_phases(p: Profile, to_train: set[str], seconds: dict[str, float]) -
     groups = []
     for configs in notebook_runs(p).values():
         missing = [c for c in configs if c.options_hash in to_train and c.options_hash not in done]
-        teachers = report.unique(c.teacher for c in missing if c.teacher is not None)
+        teachers = artefacts.unique(c.teacher for c in missing if c.teacher is not None)
         teachers = [t for t in teachers if t.options_hash in to_train and t.options_hash not in done]
         done |= {t.options_hash for t in teachers}
         rest = [c for c in missing if c.options_hash not in done]
@@ -437,7 +433,7 @@ def plan(
     run needs comes before it), whether ``store`` holds its finished record, and its estimated device time on
     ``store.device`` (``est_s``, timed here) and on an H200 (``h200_s``, extrapolated from the recorded figures).
     Trains nothing. ``epochs``, ``stage_epochs``, ``teacher_epochs`` shorten the profile as ``kcd book`` does;
-    ``devices`` and ``jobs_per_device`` default to the store's (:func:`kcdlib.report.setup` sets them).
+    ``devices`` and ``jobs_per_device`` default to the store's device, one run at a time.
 
     The totals are in ``frame.attrs`` (:func:`format_plan` prints them): device time of the runs still to train
     and of all, and the wall time with ``jobs_per_device`` runs at once on each device.
@@ -454,12 +450,12 @@ def plan(
 def _plan(p, store, devices, jobs_per_device, epochs, stage_epochs, teacher_epochs, timer, echo) -> pd.DataFrame:
     timer = timer or time_steps
     if any(v is not None for v in (epochs, stage_epochs, teacher_epochs)):
-        p, _ = report.setup(p, str(store.root), store.data_root, str(store.device), epochs=epochs,
-                            stage_epochs=stage_epochs, teacher_epochs=teacher_epochs)  # fmt: skip
-    devices = list(devices or getattr(store, "devices", None) or [str(store.device)])
-    jobs = jobs_per_device or getattr(store, "jobs_per_device", 1)
+        p = artefacts.setup(p, str(store.root), store.data_root, str(store.device), epochs=epochs,
+                            stage_epochs=stage_epochs, teacher_epochs=teacher_epochs).profile  # fmt: skip
+    devices = list(devices or [str(store.device)])
+    jobs = jobs_per_device or 1
     echo = echo or (lambda line: None)
-    listed = report.all_runs(p)
+    listed = artefacts.all_runs(p)
     configs = with_teachers(listed)
     needed_by: dict[str, list[str]] = {}
     for name, runs in notebook_runs(p).items():
@@ -634,7 +630,8 @@ def plan_command(
             device = "cpu"
     device = resolve_device(device)
     runs_dir = str(Path(runs_dir or REPO / "runs").resolve())
-    p, store = report.setup(p, runs_dir, data_root, device, devices=devices, jobs_per_device=jobs_per_device,
-                            teachers_dir=teachers_dir, **(schedule or {}))  # fmt: skip
-    frame = plan(p, store, echo=lambda line: print(f"kcd: {line}", file=sys.stderr))
+    session = artefacts.setup(p, runs_dir, data_root, device, devices=devices, jobs_per_device=jobs_per_device,
+                              teachers_dir=teachers_dir, **(schedule or {}))  # fmt: skip
+    frame = plan(session.profile, session.store, devices=session.devices, jobs_per_device=session.jobs_per_device,
+                 echo=lambda line: print(f"kcd: {line}", file=sys.stderr))  # fmt: skip
     return format_plan(frame)

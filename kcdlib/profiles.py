@@ -68,6 +68,10 @@ class Profile:
     figure5_teachers: dict[str, str] = field(default_factory=dict)
     figure5_student: str = "resnet8"
     teacher_checkpoints: dict[str, str] = field(default_factory=dict)
+    # The course's knobs (a notebook's parameters), empty = the paper's defaults: options of every distiller that
+    # has them (temperature, gamma, alpha, beta) and of every KCD run (rho, alpha of the value score).
+    loss_options: dict[str, float] = field(default_factory=dict)
+    kcd_options: dict[str, float] = field(default_factory=dict)
 
     def teacher_archs(self) -> set[str]:
         """Every teacher architecture the profile's artefacts distil from."""

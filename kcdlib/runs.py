@@ -393,6 +393,8 @@ class RunStore:
         self._warned: set[str] = set()
         # Per run folder being trained: images version -> the file this process wrote or verified for it.
         self._images_files: dict[Path, dict[int, str]] = {}
+        # Called with (epoch, epochs) after each epoch a run trains here: a notebook's one-line progress.
+        self.on_epoch: Callable[[int, int], None] | None = None
 
     # -- identity --------------------------------------------------------------------------------------------
     def fingerprint(self, dataset: str) -> dict[str, Any]:
@@ -626,7 +628,7 @@ class RunStore:
             write_json(run_dir / "config.json", config)
         trainer = self._resume(cfg, run_dir, progress)
         teacher = self._teacher_quality(trainer, cfg)
-        trainer.run(on_epoch_end=lambda t: (files.failpoint("epoch"), self._save(t, run_dir)))
+        trainer.run(on_epoch_end=lambda t: (files.failpoint("epoch"), self._save(t, run_dir), self._epoch_done(t)))
         model = tensor_bytes({"model": trainer.student.state_dict()})
         if self.writer:
             atomic_write(run_dir / "model.pt", model)
@@ -654,6 +656,10 @@ class RunStore:
             _sweep(run_dir)
         # Every process returns the record process 0 wrote (its times, its device), once it is written.
         return record if self.group is None else self.group.share(record)
+
+    def _epoch_done(self, trainer: Trainer) -> None:
+        if self.on_epoch is not None:
+            self.on_epoch(trainer.epoch, trainer.recipe.epochs)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     # A checkpoint's name carries its epoch, the version of the images it needs and the checksum of its content.

@@ -1,5 +1,7 @@
 """The book: every notebook executes under papermill (tiny profile) and shows its artefact, the Jupyter Book build
-passes with warnings as errors and offline, a failing notebook is named with its cell, a table page renders."""
+passes with warnings as errors and offline, a failing notebook is named with its cell, a table page renders; the
+artefacts' registry is the one list of notebooks (runner, plan, table of contents); the notebooks' knobs are run
+options; a rendered page shows no path of the machine that built it."""
 
 import json
 import re
@@ -8,11 +10,14 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import jupytext
 import nbformat
 import pytest
+import torch
 from conftest import TEACHER_EPOCHS
 
-from kcdlib import book, profiles, reference, report
+from kcdlib import artefacts, book, cli, cost, models, profiles, reference
+from kcdlib.artefacts import common
 from kcdlib.errors import UnknownName
 
 pytestmark = pytest.mark.slow
@@ -23,11 +28,12 @@ def tiny_book(tmp_path_factory, runs_dir, digits_teacher):
     """The whole book on the tiny profile, built once; shares the suite's run store (and its digits teacher)."""
     assert profiles.get_profile("tiny").teacher_epochs == TEACHER_EPOCHS, "the tiny book must reuse this teacher"
     out = tmp_path_factory.mktemp("book")
+    lines = []
     with pytest.MonkeyPatch.context() as mp:
         # The kernels run beside the test process on a small machine: one thread each (see conftest.CHILD_ENV).
         mp.setenv("OMP_NUM_THREADS", "1")
-        html = book.build_book("tiny", runs_dir=runs_dir, out=out, echo=lambda *_: None, jobs=2)
-    return out, html
+        html = book.build_book("tiny", runs_dir=runs_dir, out=out, echo=lines.append, jobs=2)
+    return out, html, lines
 
 
 def outputs(nb_path: Path) -> list[dict]:
@@ -35,28 +41,33 @@ def outputs(nb_path: Path) -> list[dict]:
     return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
 
 
-@pytest.mark.parametrize("name", book.NOTEBOOKS)
+@pytest.mark.parametrize("name", book.notebooks())
 def test_notebook_shows_its_artefact(tiny_book, name):
-    out, _ = tiny_book
+    out, _, _ = tiny_book
     outs = outputs(out / "book" / "artefacts" / f"{name}.ipynb")
     assert not [o for o in outs if o.output_type == "error"]
     html = [o["data"]["text/html"] for o in outs if "text/html" in o.get("data", {})]
     images = [o for o in outs if "image/png" in o.get("data", {})]
     if name.startswith("table"):
         assert any("<table" in h and "Profile 'tiny'" in h for h in html), f"{name} shows no captioned table"
+        # digits, not CIFAR-100: the caption says how fine a difference is, the paper's column that it compares
+        # other data.
+        table = next(h for h in html if "Profile 'tiny'" in h)
+        assert "360 test images of digits, one image = 0.28 points" in table
+        assert "not comparable" in table
     else:
         assert images, f"{name} shows no figure"
 
 
 def test_book_html_is_built_offline(tiny_book):
-    _, html = tiny_book
+    _, html, _ = tiny_book
     for page in (
         "intro",
         "method",
         "reproduce",
         "findings",
         "contributing",
-        *(f"artefacts/{n}" for n in book.NOTEBOOKS),
+        *(f"artefacts/{n}" for n in book.notebooks()),
     ):
         assert (html / "book" / f"{page}.html").is_file(), page
     findings = (html / "book" / "findings.html").read_text()
@@ -67,14 +78,14 @@ def test_book_html_is_built_offline(tiny_book):
 
 
 def test_failing_notebook_names_notebook_and_cell(tmp_path):
-    nb = nbformat.read(book.REPO / "notebooks" / "table3.ipynb", as_version=4)
+    nb = book.read_notebook(book.REPO / "notebooks" / "table3.md")
     nb.cells.insert(2, nbformat.v4.new_code_cell('raise RuntimeError("deliberately broken")'))
-    broken = tmp_path / "broken_table.ipynb"
-    nbformat.write(nb, broken)
+    broken = tmp_path / "broken_table.md"
+    jupytext.write(nb, broken, fmt="md:myst")
     with pytest.raises(book.NotebookFailed) as err:
         book.execute_notebook(broken, tmp_path / "out" / "broken_table.ipynb", {"profile": "tiny"})
     message = str(err.value)
-    assert "broken_table.ipynb" in message and "cell" in message and "deliberately broken" in message
+    assert "broken_table.md" in message and "cell" in message and "deliberately broken" in message
 
 
 def test_profiles_and_reference_data():
@@ -83,7 +94,7 @@ def test_profiles_and_reference_data():
     for p in profiles.PROFILES.values():
         assert p.epochs % p.stage_epochs == 0
         for pair in p.table1_pairs:
-            assert all(a in report.models.ARCHS for a in p.run_pair(pair))
+            assert all(a in models.ARCHS for a in p.run_pair(pair))
     assert profiles.get_profile("smoke").stages == 6
     assert len(profiles.get_profile("paper").table1_pairs) == 11
     assert reference.paper_table1().loc["KC-KD", "wrn_40_2/wrn_16_2"] == pytest.approx(75.70)
@@ -92,10 +103,10 @@ def test_profiles_and_reference_data():
 
 def test_table2_matches_kcd_computation():
     p = profiles.get_profile("paper")
-    k = report.unix_k(p, "wrn_40_2/wrn_16_2")
+    k = common.unix_k(p, "wrn_40_2/wrn_16_2")
     teacher, student = p.run_pair("wrn_40_2/wrn_16_2")
-    c = report.cost.unix_computation(k, 64, report.fs_over_ft(teacher, student, "cifar100"))
-    assert abs(c - report.kcd_computation(p)) < 0.01
+    c = cost.unix_computation(k, 64, common.fs_over_ft(teacher, student, "cifar100"))
+    assert abs(c - common.kcd_computation(p)) < 0.01
 
 
 def _distinct_colours(png: Path) -> int:
@@ -109,7 +120,7 @@ def test_table_page_screenshot_is_not_blank(tiny_book, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium is not installed (.ci/run installs Debian's chromium)")
-    _, html = tiny_book
+    _, html, _ = tiny_book
     png = tmp_path / "table1.png"
     cmd = [
         "timeout", "60", chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -125,8 +136,7 @@ def test_table_page_screenshot_is_not_blank(tiny_book, tmp_path):
 def test_rerun_trains_nothing(tiny_book, runs_dir):
     records = sorted(Path(runs_dir).glob("*/record.json"))
     before = {p: p.stat().st_mtime_ns for p in records}
-    store = report.RunStore(runs_dir)
-    report.ensure(store, report.all_runs("tiny"), progress=False)
+    artefacts.setup("tiny", str(runs_dir)).ensure(artefacts.all_runs("tiny"), progress=False)
     assert {p: p.stat().st_mtime_ns for p in records} == before
     assert json.loads(records[0].read_text())["hash"]
 
@@ -147,6 +157,11 @@ def test_rerun_trains_nothing(tiny_book, runs_dir):
         ({"profile": "huge"}, "unknown profile"),
         ({"epochs": 1, "stage_epochs": 1}, "at least two stages"),
         ({"epochs": 4, "stage_epochs": 3}, "multiple of stage_epochs"),
+        ({"temperature": 0}, "option temperature must be > 0"),
+        ({"gamma": -1.0}, "option gamma must be >= 0"),
+        ({"rho": 1.5}, "option rho must be in (0, 1]"),
+        ({"alpha": "0.03"}, "parameter alpha must be a number"),
+        ({"kd_alpha": True}, "parameter kd_alpha must be a number"),
     ],
 )
 def test_notebook_parameters_are_checked_before_any_run(tmp_path, parameters, needle):
@@ -155,5 +170,42 @@ def test_notebook_parameters_are_checked_before_any_run(tmp_path, parameters, ne
 
     kwargs = {"profile": "tiny", "runs_dir": str(tmp_path), **parameters}
     with pytest.raises(KcdError, match=re.escape(needle)):
-        report.setup(**kwargs)
+        artefacts.setup(**kwargs)
     assert not any(tmp_path.iterdir())
+
+
+def test_the_rendered_pages_hide_plumbing_and_show_no_absolute_path(tiny_book, runs_dir):
+    """Papermill's injected parameters and the glue cells are removed from the page; what is shown names the run
+    store relative to the book, never a folder of the machine that built it."""
+    out, _, _ = tiny_book
+    for name in book.notebooks():
+        nb = nbformat.read(out / "book" / "artefacts" / f"{name}.ipynb", as_version=4)
+        injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        assert injected and all("remove-cell" in c.metadata.tags for c in injected), name
+        shown = [c for c in nb.cells if "remove-cell" not in c.metadata.get("tags", [])]
+        assert not [c for c in shown if "glue(" in c.source], f"{name} shows a glue cell"
+        text = json.dumps([(c.source, c.get("outputs", [])) for c in shown])
+        for folder in (str(out), str(runs_dir)):
+            assert folder not in text, f"{name} shows {folder}"
+
+
+def test_the_runner_streams_which_notebook_and_run(tiny_book):
+    """While papermill executes, the runner prints each notebook's progress line (its session writes it)."""
+    _, _, lines = tiny_book
+    for i, name in enumerate(book.notebooks(), 1):
+        mine = [line for line in lines if line.startswith(f"[{i}/{len(book.notebooks())}] {name}: ")]
+        assert any(line.endswith("runs ready") for line in mine), (name, mine)
+
+
+def test_the_table_of_contents_is_the_registry(tiny_book):
+    out, _, _ = tiny_book
+    assert (out / "_toc.yml").read_text() == book.toc()
+
+
+def test_kcd_book_checks_the_device_first(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the course profile's device exists")
+    code = cli.main(["book", "--profile", "course", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "no CUDA device" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "book").exists()

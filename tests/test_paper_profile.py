@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import STUDENT, short_kd
 
-from kcdlib import condense, models, report
+from kcdlib import artefacts, condense, models
+from kcdlib.artefacts import common, five_minutes
 from kcdlib.cli import main
 from kcdlib.methods import KCD, MethodContext
 from kcdlib.profiles import PUBLISHED_TEACHER
@@ -59,12 +60,12 @@ def test_a_published_teacher_replaces_the_profiles_own(tmp_path, store, digits_t
     path = publish(
         teachers, digits_teacher.arch, models.load_checkpoint("resnet20", store.model_path(digits_teacher), 10)
     )
-    p, _ = report.setup("tiny", str(tmp_path / "runs"), teachers_dir=str(teachers))
-    cfg = report.distill(p, p.table2_pair)
+    p = artefacts.setup("tiny", str(tmp_path / "runs"), teachers_dir=str(teachers)).profile
+    cfg = common.distill(p, p.table2_pair)
     assert cfg.teacher is None and cfg.teacher_checkpoint == str(path) and cfg.teacher_arch == "resnet20"
     # A teacher with no published file is still trained here.
-    p_none, _ = report.setup("tiny", str(tmp_path / "runs"), teachers_dir=str(tmp_path))
-    assert report.distill(p_none, p_none.table2_pair).teacher is not None
+    p_none = artefacts.setup("tiny", str(tmp_path / "runs"), teachers_dir=str(tmp_path)).profile
+    assert common.distill(p_none, p_none.table2_pair).teacher is not None
 
 
 def test_kcd_distill_uses_a_published_teacher_and_records_its_accuracy(tmp_path, capsys, store, digits_teacher):
@@ -117,5 +118,5 @@ def test_a_missing_teachers_dir_is_one_line(tmp_path, capsys):
 
 
 def test_the_teaching_notebook_honours_its_seeds_parameter(tmp_path):
-    p, _ = report.setup("tiny", str(tmp_path), seeds=[3])
-    assert {cfg.seed for cfg in report.five_minutes_runs(p)} == {3}
+    p = artefacts.setup("tiny", str(tmp_path), seeds=[3]).profile
+    assert {cfg.seed for cfg in five_minutes.five_minutes_runs(p)} == {3}

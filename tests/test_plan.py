@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from kcdlib import cli, plan, report
+from kcdlib import artefacts, cli, plan
+from kcdlib.artefacts import common
 from kcdlib.profiles import get_profile
 from kcdlib.runs import RunStore
 
@@ -17,7 +18,7 @@ def fake_timer(dataset, teacher, student, distiller, batch, device, options, **k
 def tiny_store(tmp_path_factory):
     """A store holding one finished run of the tiny book: the student trained alone (resnet8, 3 epochs)."""
     store = RunStore(tmp_path_factory.mktemp("plan-runs"), device="cpu")
-    cfg = report.student_run(get_profile("tiny"), "resnet8")
+    cfg = common.student_run(get_profile("tiny"), "resnet8")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two OpenMP threads on a shared 2-core machine spin against other processes
     try:
@@ -30,14 +31,14 @@ def tiny_store(tmp_path_factory):
 def test_tiny_plan_lists_the_book_runs_and_marks_the_stored_one(tiny_store):
     store, done = tiny_store
     frame = plan.plan("tiny", store, timer=fake_timer)
-    runs = report.all_runs("tiny")
+    runs = artefacts.all_runs("tiny")
     assert list(frame.options_hash) == [c.options_hash for c in runs]
     assert dict(zip(frame.options_hash, frame.status)) == {
         c.options_hash: "done" if c == done else "missing" for c in runs
     }
     assert (frame.est_s > 0).all() and (frame.h200_s > 0).all()
     kcd = frame[(frame.method == "kcd") & (frame.options == "stage_epochs=1")].iloc[0]
-    assert kcd["points %"] == pytest.approx(100 * report.kcd_computation(get_profile("tiny")), abs=1)
+    assert kcd["points %"] == pytest.approx(100 * common.kcd_computation(get_profile("tiny")), abs=1)
     text = plan.format_plan(frame)
     assert "10 runs: 1 done, 9 missing" in text
     # The runs still to train exclude the stored one; all of them include it.
@@ -57,15 +58,15 @@ def test_cli_plan_times_steps_and_trains_nothing(tiny_store, capsys):
     assert len(total) == 1 and total[0].startswith("total: 9 of 10 runs to train"), captured.out
     assert "10 runs: 1 done, 9 missing" in captured.out
     assert "timing 4 teacher/student/distiller combinations on cpu" in captured.err
-    row = next(line for line in lines if line.split()[:1] == ["2"])  # the stored run: resnet8 alone
-    assert row.split()[1:4] == ["done", "teacher", "resnet8"]
+    rows = [line.split() for line in lines if line.split()[:1] and line.split()[0].isdigit()]
+    assert [row[1:4] for row in rows if row[1] == "done"] == [["done", "teacher", "resnet8"]]  # resnet8 alone
     assert sorted(p.relative_to(store.root) for p in store.root.rglob("*")) == before  # nothing written
 
 
 def test_missing_dataset_gives_unknown_status_not_a_traceback(tmp_path, monkeypatch, capsys):
     store = RunStore(tmp_path / "runs", "/nonexistent", "cpu")
     frame = plan.plan("course", store, timer=fake_timer)
-    assert set(frame.status) == {"unknown"} and len(frame) == len(report.all_runs("course"))
+    assert set(frame.status) == {"unknown"} and len(frame) == len(artefacts.all_runs("course"))
     assert "store status unknown: dataset not found" in plan.format_plan(frame)
     # The command line, in this process, with the same stand-in timer (the real one is exercised above).
     monkeypatch.setattr(plan, "time_steps", fake_timer)
@@ -88,7 +89,7 @@ def test_schedule_overrides_and_jobs_reach_the_plan(tmp_path):
 
 def test_course_fits_an_hour_on_one_h200_with_four_jobs():
     estimate = plan.h200_estimate("course", jobs_per_device=4)
-    assert estimate["runs"] == len(plan.with_teachers(report.all_runs("course")))
+    assert estimate["runs"] == len(plan.with_teachers(artefacts.all_runs("course")))
     assert estimate["wall_s"] <= 3600  # every slot busy: device time / (4 x 0.74)
     assert estimate["scheduled_s"] <= 3600  # notebook by notebook, teachers first, as kcd book runs them
     assert estimate["wall_s"] == pytest.approx(estimate["device_s"] / plan.concurrency_speedup(4))

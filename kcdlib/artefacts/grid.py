@@ -1,0 +1,118 @@
+"""Tables 5 (α), 6 (ρ) and 7 (augmentation): one idea, three tables. KC-KD with one setting varied, the others at
+the paper's; the paper's whole table (every setting and pair it prints), ours where the profile ran the cell.
+
+Rows: for each setting the profile runs (``profile.alphas``, ``rhos``, ``augments``) and each of its
+``grid_pairs``, the runs of that cell. :func:`grid_artefact` makes the three artefacts; ``table5.py``, ``table6.py``
+and ``table7.py`` each hold one."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from .. import reference
+from ..profiles import Profile
+from .common import (
+    NOT_RUN,
+    Artefact,
+    Table,
+    caption,
+    cell,
+    distill,
+    frame_of,
+    kcd_rho,
+    paper,
+    paper_column,
+    percent,
+    seeds,
+    teachers,
+    values,
+)  # fmt: skip
+from .session import Session
+
+# Table 7's row names in the supplement for our augment option values.
+AUGMENT_LABELS = {"none": "K1 w/o Aug.", "random": "Aug. K1 in random (eps=eps_m)", "K1H": "Aug. K1H",
+                  "K1L": "Aug. K1L"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Grid:
+    table: int  # the supplement's table number
+    option: str  # the KCD option varied
+    symbol: str  # its name in the table
+    knob: str  # the profile's field listing the settings run
+    title: str
+
+    def label(self, value: Any) -> str:
+        return AUGMENT_LABELS[value] if self.option == "augment" else f"{self.symbol} = {value:g}"
+
+    def key(self, value: Any) -> str:
+        """A setting as the paper's table spells it (0.7 and 0.70 are one setting)."""
+        return AUGMENT_LABELS.get(value, value) if self.option == "augment" else f"{float(value):g}"
+
+    def declare(self, p: Profile) -> dict[tuple[Any, str], list]:
+        """(setting, paper pair) -> the runs of that cell."""
+        return {(v, pair): seeds(p, distill, pair, method="kcd", **{self.option: v})
+                for pair in p.grid_pairs for v in getattr(p, self.knob)}  # fmt: skip
+
+    def build(self, session: Session) -> Table:
+        p, store = session.profile, session.store
+        published = reference.paper_tables5to7()
+        published = published[published.table == self.table]
+        paper_pairs = [c for c in published.columns if "/" in c]
+        # The paper's settings as our option values (Table 7 prints names; AUGMENT_LABELS maps ours to them).
+        by_label = {label: value for value, label in AUGMENT_LABELS.items()}
+        paper_values = [by_label.get(v, v) if self.option == "augment" else float(v) for v in published.value]
+        declared = self.declare(p)
+        head = paper_column(p)
+        pairs = list(dict.fromkeys([*paper_pairs, *p.grid_pairs]))
+        rows, cells, run_cfgs = [], {}, []
+        for v in _unique_values([*paper_values, *getattr(p, self.knob)]):
+            label = self.label(v)
+            ref_row = published[published.value.map(self.key) == self.key(v)]
+            for pair in pairs:
+                ref = ref_row[pair].iloc[0] if len(ref_row) and pair in ref_row else None
+                cells[(label, (pair, head))] = paper(ref)
+                cfgs = next((cfgs for (r, pr), cfgs in declared.items() if pr == pair and _same(v, r)), None)
+                if cfgs is None:
+                    cells[(label, (pair, "ours"))] = NOT_RUN
+                    cells[(label, (pair, "C (counted)"))] = "–"
+                    continue
+                run_cfgs += cfgs
+                mean, sd, text = cell(store, cfgs)
+                counted = statistics.fmean(values(store, cfgs, "computation"))
+                rows.append({"setting": v, "pair": pair, "ours": mean, "ours_sd": sd, "paper": ref,
+                             "computation": counted})  # fmt: skip
+                cells[(label, (pair, "ours"))] = text
+                cells[(label, (pair, "C (counted)"))] = percent(counted)
+        frame = frame_of(cells, [(pair, k) for pair in pairs for k in (head, "ours", "C (counted)")], self.symbol)
+        data = pd.DataFrame(rows)
+        best = data.groupby("setting", sort=False)["ours"].mean()
+        o = p.kcd_options
+        others = f"α={o.get('alpha', 0.03):g}, ρ={kcd_rho(p):g}, K1L"
+        text = caption(f"{self.title} (KC-KD; other settings as in the paper: {others})", p, p.grid_pairs,
+                       teachers=teachers(store, run_cfgs))  # fmt: skip
+        key = {"best": str(best.idxmax()), "spread": float(best.max() - best.min())}
+        return Table(f"table{self.table}", text, frame, data, key)
+
+
+def grid_artefact(grid: Grid, order: int) -> Artefact:
+    return Artefact(f"table{grid.table}", grid.title, "paper", order, grid.declare, grid.build)
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a == b if isinstance(a, str) or isinstance(b, str) else math.isclose(float(a), float(b))
+
+
+def _unique_values(values: Iterable[Any]) -> list[Any]:
+    """The settings in order, each once (0.7 and 0.70 are one setting)."""
+    out: list[Any] = []
+    for v in values:
+        if not any(_same(v, u) for u in out):
+            out.append(v)
+    return out

@@ -1,0 +1,101 @@
+"""Table 1: KD, PKT and CRD with and without knowledge condensation, the teacher and the student trained alone.
+
+Rows: for each pair the profile runs, ``Teacher``, ``Student`` and, for each distiller of the profile, its label
+(from the distiller registry) and ``KC-<label>``. The table is the paper's whole table, ours beside it where the
+profile ran the cell."""
+
+from __future__ import annotations
+
+import statistics
+
+import pandas as pd
+
+from .. import reference
+from ..distillers import DISTILLERS
+from ..profiles import Profile
+from .common import (
+    NOT_RUN,
+    Artefact,
+    Table,
+    caption,
+    cell,
+    distill,
+    frame_of,
+    mean_sd,
+    paper,
+    paper_column,
+    percent,
+    seeds,
+    student_run,
+    teacher_run,
+    teachers,
+    values,
+)  # fmt: skip
+from .session import Session
+
+# The distillers of the paper's Table 1: their glued gains exist (NaN) even where a profile does not run them.
+PAPER_DISTILLERS = ("kd", "pkt", "crd")
+
+
+def label(distiller: str, method: str) -> str:
+    return ("KC-" if method == "kcd" else "") + DISTILLERS[distiller].label
+
+
+def declare(p: Profile) -> dict[tuple[str, str], list]:
+    """(paper pair, row label) -> the runs of that cell."""
+    rows = {}
+    for pair in p.table1_pairs:
+        teacher, student = p.run_pair(pair)
+        rows[(pair, "Teacher")] = [teacher_run(p, teacher)]
+        rows[(pair, "Student")] = [student_run(p, student, s) for s in p.seeds]
+        for d in p.table1_distillers:
+            for m in ("kd", "kcd"):
+                rows[(pair, label(d, m))] = seeds(p, distill, pair, distiller=d, method=m)
+    return rows
+
+
+def build(session: Session) -> Table:
+    """Table 1: the paper's whole table (every method and pair it prints), ours beside it where this profile ran
+    the cell: KD, PKT, CRD and their KC- versions, the teacher and the student trained alone."""
+    p, store = session.profile, session.store
+    published = reference.paper_table1()
+    declared = declare(p)
+    head = paper_column(p)
+    rows, cells, run_cfgs = [], {}, []
+    pairs = list(dict.fromkeys([*published.columns, *p.table1_pairs]))
+    for pair in pairs:
+        teacher, student = p.run_pair(pair)
+        entries = {lab: cfgs for (pr, lab), cfgs in declared.items() if pr == pair}
+        for lab in dict.fromkeys([*published.index, *entries]):
+            ref = published.loc[lab, pair] if lab in published.index and pair in published.columns else None
+            cells[(lab, (pair, head))] = paper(ref)
+            cfgs = entries.get(lab)
+            if cfgs is None:
+                cells[(lab, (pair, "ours"))] = NOT_RUN
+                continue
+            run_cfgs += cfgs
+            mean, sd, text = cell(store, cfgs)
+            c = statistics.fmean(values(store, cfgs, "computation")) if lab not in ("Teacher", "Student") else None
+            rows.append({"pair": pair, "run_pair": f"{teacher}/{student}", "method": lab, "ours": mean,
+                         "ours_sd": sd, "ours_best": mean_sd(values(store, cfgs, "best_top1"))[0],
+                         "paper": None if ref is None or pd.isna(ref) else float(ref), "computation": c})  # fmt: skip
+            cells[(lab, (pair, "ours"))] = text
+    data = pd.DataFrame(rows)
+    frame = frame_of(cells, [(pair, k) for pair in pairs for k in (head, "ours")], "method")
+    comp = data.dropna(subset=["computation"]).groupby("method", sort=False)["computation"].mean()
+    frame[("", "C (counted)")] = [percent(comp[m]) if m in comp else "" for m in frame.index]
+    names = dict.fromkeys([*PAPER_DISTILLERS, *p.table1_distillers])
+    gains = {f"{d}_gain": float("nan") for d in names} | {f"{d}_wins": 0 for d in names}
+    for d in p.table1_distillers:
+        base = data[data.method == label(d, "kd")].set_index("pair")["ours"]
+        kc = data[data.method == label(d, "kcd")].set_index("pair")["ours"]
+        gains[f"{d}_gain"] = float((kc - base).mean())
+        gains[f"{d}_wins"] = int((kc > base).sum())
+    key = {**gains, "pairs": len(p.table1_pairs), "kcd_computation": 100 * float(comp.get("KC-KD", float("nan")))}
+    shown = ", ".join(DISTILLERS[d].label for d in names)
+    title = f"Table 1: top-1 accuracy of {shown} and their KCD versions (the paper's whole table)"
+    return Table("table1", caption(title, p, p.table1_pairs, teachers=teachers(store, run_cfgs)), frame, data, key)
+
+
+ARTEFACT = Artefact("table1", "Table 1: KD, PKT and CRD, with and without knowledge condensation", "paper", 10,
+                    declare, build)  # fmt: skip

@@ -1,0 +1,145 @@
+"""The artefacts' registry is the one list of the book's notebooks: the runner, the plan and the table of contents
+are derived from it, and an artefact registered anywhere appears in all three. The notebooks' classic knobs are
+run options: they change exactly the runs they should, through the run identity."""
+
+import dataclasses
+
+import jupytext
+import pytest
+
+from kcdlib import artefacts, book, distillers, plan
+from kcdlib.artefacts import common, session, table1, table4
+from kcdlib.profiles import get_profile
+from kcdlib.runs import RunStore
+
+NOTEBOOKS = book.REPO / "notebooks"
+
+
+def test_registry_runner_plan_and_notebook_files_agree():
+    names = artefacts.names()
+    assert names[0] == "kcd_in_five_minutes" and {f"table{i}" for i in range(1, 8)} | {"figure5"} <= set(names)
+    assert book.notebooks() == names
+    assert tuple(plan.notebook_runs(get_profile("tiny"))) == names
+    assert sorted(p.stem for p in NOTEBOOKS.glob("*.md")) == sorted(names)
+    assert not list(NOTEBOOKS.glob("*.ipynb")), "the notebooks are text (MyST Markdown) files"
+    toc = book.toc()
+    pages = [line.split("file: ")[1] for line in toc.splitlines() if "file: " in line]
+    assert [p.split("/")[-1] for p in pages if p.startswith("book/artefacts/")] == list(names)
+    for page in pages:
+        if not page.startswith("book/artefacts/"):
+            assert (book.REPO / f"{page}.md").is_file(), page
+
+
+def test_a_registered_artefact_appears_in_the_runs_the_plan_and_the_toc(monkeypatch):
+    p = get_profile("tiny")
+    extra = common.student_run(p, "resnet14")
+    assert extra.options_hash not in {c.options_hash for c in artefacts.all_runs(p)}
+    scratch = common.Artefact("scratch_table", "A scratch table", "paper", 75, lambda p: {"row": [extra]})
+    monkeypatch.setitem(artefacts.ARTEFACTS, "scratch_table", scratch)
+    names = artefacts.names()
+    assert names.index("table7") < names.index("scratch_table") < names.index("figure5")  # order 75
+    assert book.notebooks() == names
+    assert plan.notebook_runs(p)["scratch_table"] == [extra]
+    assert extra.options_hash in {c.options_hash for c in artefacts.all_runs(p)}
+    toc = book.toc()
+    assert toc.index("book/artefacts/table7\n") < toc.index("book/artefacts/scratch_table\n") < toc.index("figure5")
+    with pytest.raises(ValueError, match="two artefacts"):
+        artefacts.register(dataclasses.replace(scratch, order=1))
+
+
+@pytest.mark.parametrize("name", artefacts.names())
+def test_every_notebook_takes_the_knobs_and_hides_its_glue(name):
+    nb = book.read_notebook(NOTEBOOKS / f"{name}.md")
+    parameters = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(parameters) == 1
+    for knob in ("epochs", "temperature", "gamma", "kd_alpha", "beta", "rho", "alpha", "seeds"):
+        assert f"\n{knob} = None" in "\n" + parameters[0].source, f"{name}: parameter {knob}"
+    setup = next(c for c in nb.cells if "setup(" in c.source)
+    for knob in ("epochs", "temperature", "gamma", "kd_alpha", "beta", "rho", "alpha", "progress_file", "book_root"):
+        assert f"{knob}={knob}" in setup.source.replace("\n", " "), f"{name}: {knob} does not reach setup()"
+    for cell in nb.cells:
+        if "glue(" in cell.source:
+            assert "remove-cell" in cell.metadata.get("tags", []), f"{name}: a glue cell is shown"
+    assert jupytext.reads(jupytext.writes(nb, fmt="md:myst"), fmt="md:myst").cells[1].source == parameters[0].source
+
+
+def hashes(p):
+    return {c.options_hash for c in artefacts.all_runs(p)}
+
+
+def test_the_knobs_at_the_papers_values_are_the_same_runs(tmp_path):
+    default = artefacts.setup("tiny", str(tmp_path)).profile
+    paper = artefacts.setup("tiny", str(tmp_path), temperature=4, kd_alpha=0.9, rho=0.7, alpha=0.03).profile
+    assert hashes(paper) == hashes(default)
+
+
+def test_a_knob_changes_the_runs_it_names_and_no_other(tmp_path):
+    default = artefacts.setup("tiny", str(tmp_path)).profile
+    hot = artefacts.setup("tiny", str(tmp_path), temperature=2.0).profile
+    before, after = artefacts.all_runs(default), artefacts.all_runs(hot)
+    assert len(before) == len(after) and any(c.distiller == "kd" for c in after)
+    for old, new in zip(before, after):
+        options = dict(new.distiller_options)
+        if new.distiller == "kd":
+            assert options["temperature"] == 2.0 and new.options_hash != old.options_hash
+        else:  # the teachers and the students trained alone; UNIX keeps its own loss
+            assert new.options_hash == old.options_hash
+    store = RunStore(tmp_path)
+    kd = common.distill(hot, hot.table2_pair)
+    assert store.identity(kd)["run"]["distiller_options"]["temperature"] == 2.0
+    assert store.run_hash(kd) != store.run_hash(common.distill(default, default.table2_pair))
+
+
+def test_kcd_knobs_reach_every_kcd_run_but_a_table_keeps_its_own_setting(tmp_path):
+    p = artefacts.setup("tiny", str(tmp_path), rho=0.5, alpha=0.1).profile
+    alpha0 = table4.declare(p)["+ value ranking, no cost-aware factor (α=0)"]
+    own_alpha = {c.options_hash for c in [*artefacts.get("table5").runs(p), *alpha0]}
+    own_rho = {c.options_hash for c in artefacts.get("table6").runs(p)}
+    kcd = [c for c in artefacts.all_runs(p) if c.method == "kcd"]
+    assert len(kcd) > len(own_alpha | own_rho)
+    for cfg in kcd:
+        o = dict(cfg.method_options)
+        assert o["rho"] == (p.rhos[0] if cfg.options_hash in own_rho else 0.5)
+        assert o["alpha"] == (0.0 if cfg in alpha0 else p.alphas[0] if cfg.options_hash in own_alpha else 0.1)
+    # UNIX's k is matched to KCD's C, which follows ρ.
+    assert common.kcd_computation(p) < common.kcd_computation(get_profile("tiny"))
+
+
+def test_a_new_distiller_gets_its_table1_rows_from_the_registry(monkeypatch):
+    """Table 1 names a distiller by its registry label: a distiller added to a profile needs no table edit."""
+
+    class Scaled(distillers.KD):
+        pass
+
+    monkeypatch.setitem(distillers.DISTILLERS, "scaled_kd", distillers.register("scaled_kd", label="SKD")(Scaled))
+    p = dataclasses.replace(get_profile("tiny"), table1_distillers=("kd", "scaled_kd"))
+    rows = table1.declare(p)
+    labels = {label for _, label in rows}
+    assert {"KD", "KC-KD", "SKD", "KC-SKD"} <= labels
+    assert {c.distiller for c in rows[(p.table1_pairs[0], "KC-SKD")]} == {"scaled_kd"}
+
+
+def test_the_session_reports_the_run_and_epoch_in_progress(tmp_path):
+    """What `kcd book` prints while a notebook trains comes from the session's progress file."""
+    seen = []
+
+    class Store:
+        on_epoch = None
+        root = tmp_path
+
+        def record(self, cfg):
+            return None
+
+        def ensure(self, cfg, progress=False):
+            for epoch in (1, 2):
+                self.on_epoch(epoch, 2)
+                seen.append(progress_file.read_text().strip())
+            return {}
+
+    progress_file = tmp_path / "progress.txt"
+    p = get_profile("tiny")
+    cfg = common.distill(p, p.table2_pair)
+    s = session.Session(p, Store(), ["cpu"], progress_file=progress_file)
+    s.ensure([cfg], progress=False)
+    assert seen == [f"run 1/1: resnet8 from resnet20, kd/kd, seed 0, epoch {e}/2" for e in (1, 2)]
+    assert progress_file.read_text().strip() == "1 runs ready"
