@@ -15,6 +15,8 @@
 #   5. ImageNet input: JPEGs decoded by PIL in DataLoader workers (all cores) vs by nvjpeg on the device, images/s
 #      side by side, and ResNet34 -> ResNet18 KD steps/s at batch 256 in bf16 on in-memory tensors vs fed by the
 #      device decoder (benchmarks/decode_throughput.py; on a CPU the decoding part only, labelled as such).
+#   6. torchrun_nccl: one short KC-KD run (synthetic CIFAR-100, resnet20 -> resnet8, two stages of one epoch)
+#      under `torchrun --nproc-per-node 1`: the data-parallel path on NCCL (gloo on a CPU), its record printed.
 # Each python call runs under its own `timeout`; the whole run stays inside TOTAL_S seconds (default 470);
 # a failed step is reported and the others still run; the exit status is non-zero if any step failed.
 # When $OUT is set, the whole log is also written to $OUT/gpu_check.log.
@@ -143,6 +145,10 @@ main() {
     step kcd_cost 90 "$PY" "${BENCH[@]}" "${FAST_ARGS[@]}" --mode kcd-cost --subset "$SUBSET" --repeats "$REPEATS"
     step decode_throughput 150 "$PY" benchmarks/decode_throughput.py --device "$DEVICE" \
         ${DECODE_ARGS[@]+"${DECODE_ARGS[@]}"}
+    step synthetic_cifar100 60 "$PY" benchmarks/make_synthetic_cifar100.py "$TMP/data" --train 1000 --test 200
+    step torchrun_nccl 120 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m kcdlib distill \
+        --dataset cifar100 --data-root "$TMP/data" --runs-dir "$TMP/ddp-runs" --device "$DEVICE" --no-progress \
+        --teacher resnet20 --teacher-epochs 1 --student resnet8 --method kcd --epochs 2 --stage-epochs 1
 
     if [ "${#FAILED[@]}" -gt 0 ]; then
         echo "{\"gpu_check\": \"failed\", \"failed_steps\": \"${FAILED[*]}\", \"seconds\": $SECONDS}"

@@ -2,12 +2,12 @@
 survive a checkpoint, and a KCD run on a generated ImageFolder trains, mixes and resumes through the run store."""
 
 import dataclasses
-import json
 
 import numpy as np
 import pytest
 import torch
 from conftest import copy_run
+from test_store import stable
 
 from kcdlib import condense, data
 from kcdlib.data import ImageNetData
@@ -122,18 +122,6 @@ def test_recipes_survive_a_checkpoint_round_trip():
         back.load_state_dict({**recipes.state_dict(), "ratio": recipes.ratio.double()})
     with pytest.raises(ValueError, match="after"):
         back.add(2, condense_three_times(n)[0])
-
-
-VOLATILE = ("wall_seconds", "finished", "checksum", "git_commit")
-
-
-def stable(record):
-    rec = json.loads(json.dumps(record))
-    for key in VOLATILE:
-        rec.pop(key)
-    for row in rec["epochs"]:
-        row.pop("seconds")
-    return rec
 
 
 @pytest.fixture
