@@ -136,7 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "or official (the released code's)")  # fmt: skip
     k.add_argument("--augment", choices=["K1L", "K1H", "random", "none"], help="knowledge augmentation (default K1L)")
     k.add_argument("--eps-m", type=float, help="ε_m, the smallest mixing ratio (default 0.7)")
-    k.add_argument("--value", choices=["entropy", "random"], help="value estimate; random = ablation baseline")
+    k.add_argument(
+        "--value",
+        choices=["entropy", "ce", "random"],
+        help="value signal: entropy (the paper's), ce (the loss on the label), random (ablation baseline)",
+    )
     u = d.add_argument_group("UNIX (--method unix)")
     u.add_argument("--unix-k", type=at_least(1), help="samples distilled per batch k (default 48)")
     u.add_argument("--unix-b", type=at_least(1), help="mixup mask centre b (default 32)")

@@ -82,6 +82,14 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(dim=1)
 
 
+# What OGVE records per sample from the training forward: the paper's entropy of the student's softmax, or (an
+# exercise, not the paper) the student's cross-entropy with the sample's label: its loss on the true class.
+VALUE_SIGNALS = {
+    "entropy": lambda logits, labels: softmax_entropy(logits),
+    "ce": lambda logits, labels: torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none"),
+}
+
+
 class NonFiniteValue(KcdError):
     """An entropy handed to :meth:`ValueRecord.record` was NaN or infinite.
 

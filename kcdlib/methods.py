@@ -56,6 +56,8 @@ class Method:
     option_specs: dict[str, Option] = {}
     # The distiller the method's loss needs in place of plain KD (UNIX trains on KD alone), or None.
     loss: str | None = None
+    # Which per-sample signal of the training forward :meth:`observe` receives (condense.VALUE_SIGNALS).
+    value_signal = "entropy"
 
     @classmethod
     def canonical_options(cls, options: dict[str, Any] | None, epochs: int, batch_size: int) -> dict[str, Any]:
@@ -103,9 +105,10 @@ class KCD(Method):
     (``K0``) into the weakest kept ones (``K1L``): VAKS. Options (paper defaults): ``rho`` 0.7, ``alpha``
     0.03, ``stage_epochs`` ``T`` (default ``I/6``: the paper's 40 of 240), ``schedule`` ``paper`` (Eq. 16) or
     ``official`` (the released code's), ``augment`` ``K1L``/``K1H``/``random``/``none``, ``eps_m`` 0.7,
-    ``value`` ``entropy`` or ``random`` (same schedule, random ranking: the ablation baseline), ``untrained``
-    ``first`` (points never trained rank ahead of all others at a condensation: every point is distilled at
-    least once) or ``last`` (their score 0 ranks them last: the paper read literally).
+    ``value`` ``entropy``, ``ce`` (the student's cross-entropy with the label recorded instead of its entropy:
+    ranking by the loss, not the paper) or ``random`` (same schedule, random ranking: the ablation baseline),
+    ``untrained`` ``first`` (points never trained rank ahead of all others at a condensation: every point is
+    distilled at least once) or ``last`` (their score 0 ranks them last: the paper read literally).
 
     The mixes go into the run's own copy of the images when the dataset is held in memory; for one decoded from
     files (ImageNet) they are kept as :attr:`mix_recipes`, part of the checkpointed state, which the loader replays.
@@ -120,7 +123,7 @@ class KCD(Method):
         "schedule": Option("paper", str, choices=condense.SCHEDULE_KINDS),
         "augment": Option("K1L", str, choices=condense.AUGMENTS),
         "eps_m": Option(0.7, **between(0, 1)),
-        "value": Option("entropy", str, choices=("entropy", "random")),
+        "value": Option("entropy", str, choices=("entropy", "ce", "random")),
         "untrained": Option("first", str, choices=condense.UNTRAINED_RULES),
     }
 
@@ -145,6 +148,7 @@ class KCD(Method):
         self.modifies_images = o["augment"] != "none" and context.images_in_memory
         if o["augment"] != "none" and not context.images_in_memory:
             self.mix_recipes = MixRecipes(n)
+        self.value_signal = "ce" if o["value"] == "ce" else "entropy"
         self.T = int(o["stage_epochs"])
         self.sizes = condense.keep_schedule(o["schedule"], n, epochs, self.T, o["rho"])
         self.values = condense.ValueRecord(n, context.device)

@@ -6,7 +6,9 @@ ranking under the run's own options, training reads the mixed images after a con
 uncertain samples, and bf16 really runs the networks in bf16.
 """
 
+import pytest
 import torch
+import torch.nn.functional as F
 from conftest import short_kd
 
 from kcdlib import condense, methods
@@ -30,16 +32,22 @@ def subset(trainer, n=192):
     trainer.method.epoch_points = first
 
 
-def test_kcd_records_the_students_entropy_of_the_training_forward(store, digits_teacher):
-    trainer = kcd_trainer(store, digits_teacher)
+@pytest.mark.parametrize("value", ["entropy", "ce"])
+def test_kcd_records_the_students_signal_of_the_training_forward(store, digits_teacher, value):
+    """The paper's entropy of the student's softmax, or with value="ce" its cross-entropy with the labels."""
+    trainer = kcd_trainer(store, digits_teacher, value=value)
     logits, observed = [], []
     trainer.student.register_forward_hook(lambda module, args, out: logits.append(out.detach().clone()))
     real = trainer.method.observe
-    trainer.method.observe = lambda idx, ent: (observed.append(ent.clone()), real(idx, ent))
+    trainer.method.observe = lambda idx, sig: (observed.append((idx.clone(), sig.clone())), real(idx, sig))
     trainer.train_pass(1, torch.arange(128))
     assert len(observed) == len(logits) == 2
-    for out, ent in zip(logits, observed):
-        assert torch.allclose(ent, softmax_entropy(out))
+    for out, (idx, sig) in zip(logits, observed):
+        labels = trainer.data.train_labels[idx]
+        expected = softmax_entropy(out) if value == "entropy" else F.cross_entropy(out, labels, reduction="none")
+        assert torch.allclose(sig, expected)
+        other = F.cross_entropy(out, labels, reduction="none") if value == "entropy" else softmax_entropy(out)
+        assert not torch.allclose(sig, other)
 
 
 def test_the_condensed_set_is_the_top_of_the_ranking_under_the_runs_alpha(store, digits_teacher):
