@@ -12,7 +12,7 @@ import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -28,20 +28,6 @@ if TYPE_CHECKING:
 # The paper's final keep-ratio ρ: the KCD method's default, defined there.
 KCD_RHO = METHODS["kcd"].option_specs["rho"].default
 NOT_RUN = "not run"  # a cell of the paper's table that this profile does not run (the captions say so)
-
-
-class DatasetFacts(NamedTuple):
-    classes: int
-    side: int  # image side in pixels
-    train: int  # training points N
-    test: int  # test images
-
-
-def dataset_facts(name: str) -> DatasetFacts:
-    """Classes, image side and split sizes of dataset ``name``, known without its files (the dataset registry's
-    spec; the one place the artefacts read it)."""
-    spec = datasets.spec(name)
-    return DatasetFacts(spec.num_classes, spec.image_size, spec.num_train, spec.num_test)
 
 
 # -- the declaration -----------------------------------------------------------------------------------------
@@ -143,10 +129,10 @@ def seeds(profile: Profile, make: Callable[..., RunConfig], *args: Any, **kw: An
 
 def fs_over_ft(teacher: str, student: str, dataset: str) -> float:
     """Student/teacher forward multiply-adds at the dataset's image size (UNIX's Fs/Ft), counted."""
-    facts = dataset_facts(dataset)
-    size = (3, facts.side, facts.side)
-    return cost.forward_macs(models.create(student, facts.classes), size) / cost.forward_macs(
-        models.create(teacher, facts.classes), size
+    spec = datasets.spec(dataset)
+    size = (3, spec.image_size, spec.image_size)
+    return cost.forward_macs(models.create(student, spec.num_classes), size) / cost.forward_macs(
+        models.create(teacher, spec.num_classes), size
     )
 
 
@@ -260,8 +246,9 @@ _DATASET_NAMES = {"cifar100": "CIFAR-100", "imagenet": "ImageNet", "digits": "di
 
 def resolution(dataset: str) -> str:
     """How fine a top-1 difference the test split can show: one test image in points of top-1 %."""
-    n = dataset_facts(dataset).test
-    return f"Resolution: {n:,} test images of {dataset}, one image = {100 / n:.2f} points of top-1."
+    spec = datasets.spec(dataset)
+    return (f"Resolution: {spec.num_test:,} test images of {dataset}, one image = "
+            f"{spec.points_per_test_image:.2f} points of top-1.")  # fmt: skip
 
 
 def caption(

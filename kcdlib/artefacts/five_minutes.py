@@ -21,9 +21,10 @@ import pandas as pd
 import torch
 
 from .. import condense
+from .. import data as datasets
 from ..profiles import Profile, get_profile
 from ..runs import RunConfig, RunStore, atomic_write
-from .common import Artefact, Table, dataset_facts, distill, fmt, mean_sd, percent, resolution, seeds
+from .common import Artefact, Table, distill, fmt, mean_sd, percent, resolution, seeds
 
 
 def notebook_seeds(profile: str | Profile, given: Sequence[int] | None) -> Sequence[int] | None:
@@ -182,7 +183,7 @@ def results(rows: Mapping[str, Sequence[dict[str, Any]]], dataset: str, seed_lis
     frame = pd.Series(cells).unstack().loc[list(rows), list(RESULT_FIELDS.values())]
     data = pd.DataFrame(data)
     top1 = data[data.field == "final_top1"].set_index("row")["mean"]
-    test_images = dataset_facts(dataset).test
+    test_images = datasets.spec(dataset).num_test
     key = {"kd_top1": float(top1["KD"]), "kcd_top1": float(top1["KCD"]),
            "gain": float(top1["KCD"] - top1["KD"]),
            "gain_images": float((top1["KCD"] - top1["KD"]) * test_images / 100)}  # fmt: skip
