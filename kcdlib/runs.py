@@ -155,11 +155,8 @@ def teacher_config(
     dataset: str, arch: str, seed: int = 0, epochs: int | None = None, precision: str = "fp32", decode: str = "pil"
 ) -> RunConfig:
     """A teacher trained with cross-entropy and the dataset's default recipe."""
-    check_name("dataset", dataset, datasets.DATASETS)
-    return RunConfig(
-        dataset=dataset, arch=arch, recipe=datasets.spec(dataset).recipe(arch, epochs), seed=seed, precision=precision,
-        decode=decode,
-    )  # fmt: skip
+    recipe = datasets.spec(dataset).recipe(arch, epochs)  # an unknown dataset is refused here
+    return RunConfig(dataset=dataset, arch=arch, recipe=recipe, seed=seed, precision=precision, decode=decode)
 
 
 def distill_config(
@@ -179,7 +176,7 @@ def distill_config(
     decode: str = "pil",
 ) -> RunConfig:
     """A distillation run of ``student`` from a teacher run or from a checkpoint file of ``teacher_arch``."""
-    check_name("dataset", dataset, datasets.DATASETS)
+    spec = datasets.spec(dataset)  # an unknown dataset is refused first
     if (teacher is None) == (teacher_checkpoint is None):
         raise BadOption("give exactly one teacher: a teacher run or a checkpoint file")
     if distiller == "ce":
@@ -201,7 +198,7 @@ def distill_config(
     return RunConfig(
         dataset=dataset,
         arch=student,
-        recipe=datasets.spec(dataset).recipe(student, epochs),
+        recipe=spec.recipe(student, epochs),
         seed=seed,
         distiller=distiller,
         distiller_options=_items(distiller_options or {}),
