@@ -4,13 +4,14 @@ import json
 import os
 import pickle
 import struct
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import kcdlib.data.cifar100 as cifar100_module
 import kcdlib.data.fingerprints as fingerprints_module
 from kcdlib.data import crop_flip, fingerprint, load_cifar100, load_dataset, load_digits, read_cifar100_split
 from kcdlib.errors import DatasetInvalid, DatasetMissing, KcdError, UnknownName
@@ -301,6 +302,7 @@ def test_cifar100_fingerprint_follows_one_training_pixel(tmp_path, monkeypatch):
         "num_train": 20,
         "num_test": 10,
         "train_sha256": hashlib.sha256((folder / "train").read_bytes()).hexdigest(),
+        "test_sha256": hashlib.sha256((folder / "test").read_bytes()).hexdigest(),
     }
     entry = pickle.loads((folder / "train").read_bytes(), encoding="latin1")
     entry["data"] = entry["data"].copy()
@@ -311,91 +313,20 @@ def test_cifar100_fingerprint_follows_one_training_pixel(tmp_path, monkeypatch):
     assert after == {**before, "train_sha256": hashlib.sha256((folder / "train").read_bytes()).hexdigest()}
 
 
-def test_cifar100_fingerprint_is_cached_beside_the_data_for_its_key(tmp_path, monkeypatch):
+def test_cifar100_test_label_edited_with_its_mtime_put_back_is_other_data(tmp_path, monkeypatch):
+    """Every test label changed and the file's times restored (as the probes did): another fingerprint, and no
+    cache file is read or written (CIFAR-100 is hashed by content every time)."""
     root, folder = fake_cifar100_for_fingerprints(tmp_path, monkeypatch)
-    umask = os.umask(0)
-    os.umask(umask)
-    fp = fingerprint("cifar100", root)
-    cache = folder / ".kcd-fingerprint.json"
-    assert json.loads(cache.read_text())["fingerprint"] == fp
-    assert cache.stat().st_mode & 0o777 == 0o666 & ~umask
-    assert [p.name for p in folder.iterdir() if p.name.endswith(".tmp")] == []
-
-    def no_hashing(*args):
-        raise AssertionError("recomputed")
-
-    monkeypatch.setattr(fingerprints_module, "sha256_file", no_hashing)
-    monkeypatch.setattr(cifar100_module, "_load_cifar100_split", no_hashing)
-    assert fingerprint("cifar100", root) == fp
-    age(folder / "test", seconds=7200)  # another mtime: another key, the cache no longer answers
-    with pytest.raises(AssertionError, match="recomputed"):
-        fingerprint("cifar100", root)
-
-
-def test_cifar100_fingerprint_of_files_just_written_is_not_cached(tmp_path, monkeypatch):
-    root, folder = fake_cifar100_for_fingerprints(tmp_path, monkeypatch)
-    (folder / "train").write_bytes((folder / "train").read_bytes())
-    assert fingerprint("cifar100", root)["num_train"] == 20
-    assert not (folder / ".kcd-fingerprint.json").exists()
-
-
-@pytest.mark.parametrize(
-    "damage",
-    ["not json {", "[]", "no key", "missing field", "other name", "str count", "short sha"],
-)
-def test_a_damaged_fingerprint_cache_is_ignored_and_rewritten(tmp_path, monkeypatch, damage):
-    root, folder = fake_cifar100_for_fingerprints(tmp_path, monkeypatch)
-    fp = fingerprint("cifar100", root)
-    cache = folder / ".kcd-fingerprint.json"
-    record = json.loads(cache.read_text())
-    forged = {k: v for k, v in record["fingerprint"].items() if k != "num_test"}
-    content = {
-        "not json {": "not json {",
-        "[]": "[]",
-        "no key": json.dumps({"fingerprint": fp}),
-        "missing field": json.dumps({"key": record["key"], "fingerprint": forged}),
-        "other name": json.dumps({"key": record["key"], "fingerprint": {**fp, "name": "imagenet"}}),
-        "str count": json.dumps({"key": record["key"], "fingerprint": {**fp, "num_train": "20"}}),
-        "short sha": json.dumps({"key": record["key"], "fingerprint": {**fp, "train_sha256": "abc"}}),
-    }[damage]
-    cache.write_text(content)
-    assert fingerprint("cifar100", root) == fp
-    assert json.loads(cache.read_text()) == record
-
-
-def test_a_read_only_data_folder_caches_the_fingerprint_in_the_user_cache(tmp_path, monkeypatch):
-    root, folder = fake_cifar100_for_fingerprints(tmp_path, monkeypatch)
-    write = fingerprints_module.write_json_atomic
-
-    def read_only_data(path, obj):  # root may write anywhere, so a read-only folder is played by a refusal
-        if path.startswith(str(tmp_path / "data")):
-            raise PermissionError(13, "Permission denied", path)
-        write(path, obj)
-
-    monkeypatch.setattr(fingerprints_module, "write_json_atomic", read_only_data)
-    fp = fingerprint("cifar100", root)
-    assert not (folder / ".kcd-fingerprint.json").exists()
-    name = hashlib.sha256(os.fsencode(os.path.abspath(folder))).hexdigest()
-    fallback = tmp_path / "xdg" / "kcdlib" / "fingerprints" / f"{name}.json"
-    assert json.loads(fallback.read_text())["fingerprint"] == fp
-    monkeypatch.setattr(fingerprints_module, "sha256_file", lambda path: pytest.fail("recomputed"))
-    assert fingerprint("cifar100", root) == fp
-
-
-def test_a_fingerprint_that_cannot_be_cached_anywhere_is_computed_each_time(tmp_path, monkeypatch):
-    root, folder = fake_cifar100_for_fingerprints(tmp_path, monkeypatch)
-
-    def refuse(path, obj):
-        raise PermissionError(13, "Permission denied", path)
-
-    hashed = []
-    sha256_file = fingerprints_module.sha256_file
-    monkeypatch.setattr(fingerprints_module, "write_json_atomic", refuse)
-    monkeypatch.setattr(fingerprints_module, "sha256_file", lambda path: hashed.append(path) or sha256_file(path))
-    fp = fingerprint("cifar100", root)
-    assert fingerprint("cifar100", root) == fp and len(hashed) == 2
-    assert fp["train_sha256"] == hashlib.sha256((folder / "train").read_bytes()).hexdigest()
-    assert not (folder / ".kcd-fingerprint.json").exists() and list((tmp_path / "xdg").rglob("*.json")) == []
+    before = fingerprint("cifar100", root)
+    st = os.stat(folder / "test")
+    entry = pickle.loads((folder / "test").read_bytes(), encoding="latin1")
+    entry["fine_labels"] = [(label + 1) % 100 for label in entry["fine_labels"]]
+    (folder / "test").write_bytes(published_pickle(entry))
+    os.utime(folder / "test", ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = fingerprint("cifar100", root)
+    assert after["test_sha256"] != before["test_sha256"]
+    assert after == {**before, "test_sha256": hashlib.sha256((folder / "test").read_bytes()).hexdigest()}
+    assert list(tmp_path.rglob("*.json")) == [] and not list(folder.glob(".*"))
 
 
 def write_image_folder(base, rng, classes=("n01", "n02"), per_class=3):
@@ -426,18 +357,69 @@ def test_imagenet_in_the_readme_layout(tmp_path, monkeypatch, capsys):
     assert fp["name"] == "imagenet" and fp["num_train"] == 6 and fp["num_test"] == 6
     assert "fingerprinting imagenet train" in capsys.readouterr().err
     assert fingerprint("imagenet", str(tmp_path)) == fp
-    # One image changed: another fingerprint; the validation images are not part of it.
+    # One training image changed: another fingerprint; one validation image too.
     Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "imagenet" / "train" / "n02" / "1.JPEG")
     changed = fingerprint("imagenet", str(tmp_path))
-    assert changed["train_sha256"] != fp["train_sha256"]
+    assert changed["train_sha256"] != fp["train_sha256"] and changed["test_sha256"] == fp["test_sha256"]
     Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "imagenet" / "val" / "n02" / "1.JPEG")
-    assert fingerprint("imagenet", str(tmp_path)) == changed
-    # Settled files: cached beside the splits, and read from there.
-    age(*(p for p in (tmp_path / "imagenet").rglob("*.JPEG")))
-    assert fingerprint("imagenet", str(tmp_path)) == changed
-    assert json.loads((tmp_path / "imagenet" / ".kcd-fingerprint.json").read_text())["fingerprint"] == changed
-    monkeypatch.setattr(fingerprints_module, "sha256_file", lambda path: pytest.fail("recomputed"))
-    assert fingerprint("imagenet", str(tmp_path)) == changed
+    changed = {**changed, "test_sha256": fingerprint("imagenet", str(tmp_path))["test_sha256"]}
+    assert changed["test_sha256"] != fp["test_sha256"]
+
+
+def test_imagenet_fingerprint_cache_is_the_users_own_and_keyed_by_ctime(tmp_path, monkeypatch):
+    """Settled files: cached in the user's cache folder (never beside the data) and read from there; a file
+    rewritten with its mtime put back changes its ctime, so the cache no longer answers; a cache file planted
+    beside the data is never read."""
+    from PIL import Image
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    write_image_folder(tmp_path / "imagenet", np.random.default_rng(0))
+    images = sorted((tmp_path / "imagenet").rglob("*.JPEG"))
+    age(*images)
+    time.sleep(2.1)  # ctimes cannot be backdated: let them settle (fingerprints.SETTLED_NS)
+    fp = fingerprint("imagenet", str(tmp_path))
+    cache = fingerprints_module.cache_for(str(tmp_path / "imagenet"))
+    assert json.loads(Path(cache).read_text())["fingerprint"] == fp and cache.startswith(str(tmp_path / "xdg"))
+    assert sorted(p.name for p in (tmp_path / "imagenet").iterdir()) == ["train", "val"]
+    hashed = []
+    sha256_file = fingerprints_module.sha256_file
+    monkeypatch.setattr(fingerprints_module, "sha256_file", lambda path: hashed.append(path) or sha256_file(path))
+    assert fingerprint("imagenet", str(tmp_path)) == fp and hashed == []
+    # A planted cache beside the data, holding another hash: not read.
+    planted = {"key": json.loads(Path(cache).read_text())["key"], "fingerprint": {**fp, "test_sha256": "0" * 64}}
+    (tmp_path / "imagenet" / ".kcd-fingerprint.json").write_text(json.dumps(planted))
+    assert fingerprint("imagenet", str(tmp_path)) == fp
+    # One validation label's image rewritten and its mtime restored: its ctime moved, the data is hashed again.
+    target = tmp_path / "imagenet" / "val" / "n01" / "0.JPEG"
+    st = os.stat(target)
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(target)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = fingerprint("imagenet", str(tmp_path))
+    assert hashed and after["test_sha256"] != fp["test_sha256"]
+
+
+@pytest.mark.parametrize(
+    "damage", ["not json {", "[]", "no key", "missing field", "other name", "str count", "short sha"]
+)
+def test_a_damaged_fingerprint_cache_is_ignored(damage):
+    fp = {"name": "imagenet", "num_train": 6, "num_test": 6, "train_sha256": "a" * 64, "test_sha256": "b" * 64}
+    key = {"stat_sha256": "c" * 64, "files": 12}
+    forged = {k: v for k, v in fp.items() if k != "num_test"}
+    content = {
+        "not json {": "not json {",
+        "[]": "[]",
+        "no key": json.dumps({"fingerprint": fp}),
+        "missing field": json.dumps({"key": key, "fingerprint": forged}),
+        "other name": json.dumps({"key": key, "fingerprint": {**fp, "name": "cifar100"}}),
+        "str count": json.dumps({"key": key, "fingerprint": {**fp, "num_train": "6"}}),
+        "short sha": json.dumps({"key": key, "fingerprint": {**fp, "train_sha256": "abc"}}),
+    }[damage]
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "cache.json")
+        Path(path).write_text(content)
+        assert fingerprints_module.read_cache(path, "imagenet", key) is None
+        Path(path).write_text(json.dumps({"key": key, "fingerprint": fp}))
+        assert fingerprints_module.read_cache(path, "imagenet", key) == fp
 
 
 def test_cifar100_written_by_python3_in_protocol_2_loads(tmp_path):

@@ -14,8 +14,8 @@ All random draws of an epoch (order, crop offsets, flips) are made up front on t
 ``(seed, epoch)``: an epoch is the same on any device, and a run resumed at epoch ``e`` sees exactly the batches an
 uninterrupted run would have seen.
 
-:func:`fingerprint` identifies a dataset's training split by content, so a run store can tell when the data under a
-root changed.
+:func:`fingerprint` identifies a dataset's splits by content, so a run store can tell when the data under a root
+changed.
 
 Each dataset is one :class:`DatasetSpec` in :data:`DATASETS`: its loader, its fingerprint, the facts known
 without its files (classes, image side, split sizes) and its default optimisation recipe. Adding a dataset is one
@@ -121,12 +121,11 @@ def load_dataset(name: str, root: str = "data", device: str | torch.device = "cp
 
 
 def fingerprint(name: str, root: str = "data") -> dict:
-    """What identifies a dataset's training split: ``{"name", "num_train", "num_test", "train_sha256"}``.
+    """What identifies a dataset's data: ``{"name", "num_train", "num_test", "train_sha256", "test_sha256"}``.
 
-    A run store compares it to tell when the data under ``root`` changed. ``digits`` hashes its uint8 images and
-    int64 labels (once per process); ``cifar100`` hashes the ``train`` file, ``imagenet`` every training image
-    (read once, with a progress bar). Both cache the result beside the data in ``.kcd-fingerprint.json`` (under
-    ``$XDG_CACHE_HOME/kcdlib/fingerprints`` when that folder is not writable), reused while the files' sizes and
-    mtimes are those it was computed from.
+    A run store compares it to tell when the data under ``root`` changed, test split included. ``digits`` hashes
+    its uint8 images and int64 labels (once per process), ``cifar100`` its two files (every time), ``imagenet``
+    every image of both splits (read once, with a progress bar, then cached in the user's cache folder for the
+    files' sizes, times and inodes; see :mod:`.fingerprints`).
     """
     return spec(name).fingerprint(root)

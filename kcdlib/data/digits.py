@@ -40,11 +40,16 @@ def load_digits(device: str | torch.device = "cpu", image_size: int = 16) -> Dev
 @functools.cache
 def digits_fingerprint() -> dict:
     data = load_digits("cpu")
-    digest = hashlib.sha256(data.train_images.numpy().tobytes())
-    digest.update(data.train_labels.numpy().tobytes())
+
+    def sha(images, labels) -> str:
+        digest = hashlib.sha256(images.numpy().tobytes())
+        digest.update(labels.numpy().tobytes())
+        return digest.hexdigest()
+
     return {
         "name": "digits",
         "num_train": data.num_train,
         "num_test": int(data.test_images.shape[0]),
-        "train_sha256": digest.hexdigest(),
+        "train_sha256": sha(data.train_images, data.train_labels),
+        "test_sha256": sha(data.test_images, data.test_labels),
     }
