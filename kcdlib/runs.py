@@ -2,8 +2,9 @@
 
 A run's identity is computed here, in one place, from everything that changes its result: its canonical options
 (:class:`RunConfig`: every option of the recipe, the distiller and the method, defaults filled in, numbers
-normalised, so each run has one spelling), a fingerprint of the data (name, split sizes, a content hash of the
-training split) and :data:`kcdlib.NUMERICS_VERSION`. ``runs/<identity hash>/`` holds
+normalised, so each run has one spelling), a fingerprint of the data (name, split sizes, content hashes of the
+training and test splits), a digest of the code that computes it (:mod:`kcdlib.provenance`) and
+:data:`kcdlib.NUMERICS_VERSION`. ``runs/<identity hash>/`` holds
 
 - ``config.json``: the identity, written when the run starts;
 - ``checkpoint-e<epoch>-v<images version>-<sha256[:16]>.pt``: the state after each of the last two finished
@@ -14,9 +15,14 @@ training split) and :data:`kcdlib.NUMERICS_VERSION`. ``runs/<identity hash>/`` h
   the run is finished).
 
 A finished run is reused, never retrained. A killed run resumes from its last intact checkpoint and ends with the
-same record. A run trained by several processes (torchrun, :mod:`kcdlib.distributed`) is the same run: its process
+same record. Every run folder is a folder of the store itself (a link is refused, nothing is written through one),
+and every file read from it is checked before use: records are strict JSON of bounded size and depth with a
+checksum and the fields the book reads (:data:`RECORD_FIELDS`); a damaged one is named and set aside, never a
+traceback, and one bad folder never blocks the others.
+
+A run trained by several processes (torchrun, :mod:`kcdlib.distributed`) is the same run: its process
 0 decides what the store holds and alone writes, and every process resumes from the checkpoint it chose. A record
-of the same options made on other data or by other numerics is never reused silently (see
+of the same options made on other data or by other code is never reused silently (see
 :class:`RunStore`). Two processes asking for the same run take turns on a lock held on the run's folder. Nothing
 read from the store runs code: tensors are loaded with ``weights_only=True``, everything else is JSON.
 """
@@ -31,10 +37,10 @@ import functools
 import hashlib
 import io
 import json
+import math
 import os
 import platform
 import socket
-import subprocess
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,13 +49,14 @@ from typing import Any
 
 import torch
 
-from . import NUMERICS_VERSION, __version__, cost, distillers, files, methods, models
+from . import NUMERICS_VERSION, __version__, build, distillers, files, methods, models, provenance
 from . import data as datasets
-from .errors import BadOption, CheckpointError, Diverged, StaleRun, StoreError
+from .data import fingerprints
+from .errors import BadOption, CheckpointError, Diverged, KcdError, StaleRun, StoreError
 from .fastpath import PRECISIONS
 from .options import check_name
 from .recipe import Recipe
-from .train import Trainer, evaluate, first_nonfinite
+from .train import Trainer, evaluate
 
 # Seeds feed torch.manual_seed and the epoch generators: 31 bits keep every derived seed in range.
 MAX_SEED = 2**31 - 1
@@ -283,71 +290,148 @@ class Damaged(Exception):
     """A store file that cannot be trusted (internal: the store sets it aside and goes on)."""
 
 
-def read_record(path: Path) -> dict[str, Any]:
-    """A record, verified against its checksum; :class:`Damaged` says what is wrong."""
+def _number(low: float = 0.0, high: float = math.inf) -> Callable[[Any], bool]:
+    return lambda v: type(v) in (int, float) and low <= v <= high
+
+
+def _hex(n: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, str) and len(v) == n and not set(v) - set("0123456789abcdef")
+
+
+def _epoch_rows(rows: Any) -> bool:
+    top = _number(0, 100)
+    return isinstance(rows, list) and all(
+        isinstance(r, dict) and type(r.get("epoch")) is int and top(r.get("top1")) and top(r.get("top5")) for r in rows
+    )
+
+
+# The fields of a record that the book, the CLI and the plan read, and what each must be. Records made before a
+# field existed lack it: the optional ones are checked only where present.
+RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "hash": (_hex(16), "16 hex digits"),
+    "config": (lambda v: isinstance(v, dict), "an object"),
+    "data": (fingerprints.valid_fingerprint, "a data fingerprint"),
+    "final_top1": (_number(0, 100), "a percentage"),
+    "best_top1": (_number(0, 100), "a percentage"),
+    "final_top5": (_number(0, 100), "a percentage"),
+    "computation": (_number(), "a non-negative number"),
+    "points_distilled": (lambda v: type(v) is int and v >= 0, "a count"),
+    "wall_seconds": (_number(), "a non-negative number"),
+    "epochs": (_epoch_rows, "a list of epoch rows with top1 and top5"),
+    "model_sha256": (_hex(64), "64 hex digits"),
+    "finished": (lambda v: isinstance(v, str), "a date"),
+}
+OPTIONAL_RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "numerics": (lambda v: type(v) is int, "a whole number"),
+    "code": (_hex(16), "16 hex digits"),
+    "teacher_accuracy": (
+        lambda v: v is None or (isinstance(v, dict) and _number(0, 100)(v.get("top1"))),
+        "null or an object with top1",
+    ),  # fmt: skip
+    "stages": (lambda v: isinstance(v, list), "a list"),
+}
+
+
+def check_record(record: Any) -> dict[str, Any]:
+    """``record`` if it has every field the book reads, of the right type; :class:`Damaged` names the first that
+    has not. (A resealed record can still lie about its numbers: ``kcd runs verify`` re-measures them.)"""
+    if not isinstance(record, dict):
+        raise Damaged(f"it holds a {type(record).__name__}, not a record")
+    for name, (ok, what) in RECORD_FIELDS.items():
+        if name not in record:
+            raise Damaged(f"it has no '{name}'")
+        if not ok(record[name]):
+            raise Damaged(f"its '{name}' is {str(json.dumps(record[name]))[:40]}, not {what}")
+    for name, (ok, what) in OPTIONAL_RECORD_FIELDS.items():
+        if name in record and not ok(record[name]):
+            raise Damaged(f"its '{name}' is {str(json.dumps(record[name]))[:40]}, not {what}")
+    return record
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of the store, read defensively (:func:`kcdlib.files.read_json`); :class:`Damaged` says why not."""
     try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise Damaged("not text") from None
+        return files.read_json(path)
+    except files.BadFile as err:
+        raise Damaged(str(err)) from None
     except OSError as err:
         raise Damaged(err.strerror or str(err)) from None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise Damaged(f"not JSON ({'empty' if not text.strip() else err.msg})") from None
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A record, verified against its checksum and :data:`RECORD_FIELDS`; :class:`Damaged` says what is wrong."""
+    record = read_json(path)
     if not isinstance(record, dict) or "checksum" not in record:
         raise Damaged("no checksum")
     if sealed(record)["checksum"] != record["checksum"]:
         raise Damaged("checksum mismatch: its content changed after it was written")
-    return record
+    return check_record(record)
 
 
 @contextlib.contextmanager
 def locked(folder: Path, log: Callable[[str], None]) -> Iterator[None]:
     """An exclusive lock on the run's folder itself, held while the block runs: there is no lock file that could be
-    deleted under a running trainer, and the OS drops the lock when the process dies."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as err:
-        raise store_error(folder, err) from None
-    try:
+    deleted under a running trainer, and the OS drops the lock when the process dies. A folder removed while we
+    waited (:meth:`RunStore.tidy` removes abandoned ones) is made again and locked anew."""
+    while True:
+        fd = _open_folder(folder)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log(f"waiting for {_owner(folder)}, which is training {folder} ...")
             fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.stat(folder, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
         yield
     finally:
         os.close(fd)
 
 
+def _open_folder(folder: Path) -> int:
+    """A descriptor of the run folder ``folder`` (made when missing), never of a link."""
+    try:
+        for _ in range(3):  # a folder another process's tidy() removed between our mkdir and open: make it again
+            folder.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise StoreError(f"'{folder}' is a link or a file, not a run folder: refused (nothing is written "
+                             "through a link; remove it)") from None  # fmt: skip
+        raise store_error(folder, err) from None
+
+
 def _owner(folder: Path) -> str:
     try:
-        owner = json.loads((folder / "owner.json").read_text())
-        return f"process {owner['pid']} on {owner['host']} (since {owner['since']})"
-    except (OSError, ValueError, KeyError, TypeError):
+        owner = read_json(folder / "owner.json")
+        return f"process {int(owner['pid'])} on {str(owner['host'])[:64]} (since {str(owner['since'])[:32]})"
+    except (Damaged, KeyError, TypeError, ValueError):
         return "another process"
+
+
+def run_folder(root: Path, name: str) -> Path:
+    """``root/name``, a run's folder, refused with one line when it is a link or not a folder: a run's files are
+    written only into a folder of the store itself (a link could lead them into another run or out of the store)."""
+    folder = root / name
+    if folder.is_symlink():
+        raise StoreError(
+            f"the run folder '{folder}' is a link (to '{os.readlink(folder)}'): refused, nothing is read or written "
+            "through a link; remove the link (the run is then trained or reused there)"
+        )
+    if folder.exists() and not folder.is_dir():
+        raise StoreError(f"'{folder}' is a file where a run folder belongs: refused; remove it")
+    return folder
 
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-@functools.cache
-def git_commit() -> str | None:
-    """The checkout's commit when this process first asked (the code it loaded), or None outside a checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def device_name(device: torch.device) -> str:
@@ -388,6 +472,7 @@ class RunStore:
         self._datasets: dict[tuple[str, str], Any] = {}
         self._fingerprints: dict[str, dict[str, Any]] = {}
         self._warned: set[str] = set()
+        self._tidied = False
         # Per run folder being trained: images version -> the file this process wrote or verified for it.
         self._images_files: dict[Path, dict[int, str]] = {}
         # Called with (epoch, epochs) after each epoch a run trains here: a notebook's one-line progress.
@@ -401,14 +486,20 @@ class RunStore:
         return self._fingerprints[dataset]
 
     def identity(self, cfg: RunConfig) -> dict[str, Any]:
-        """Everything that changes the run's result: its options, its data, the numerics of this code."""
-        return {"run": cfg.canonical(), "data": self.fingerprint(cfg.dataset), "numerics": NUMERICS_VERSION}
+        """Everything that changes the run's result: its options, its data, the code that computes it."""
+        return {
+            "run": cfg.canonical(),
+            "data": self.fingerprint(cfg.dataset),
+            "numerics": NUMERICS_VERSION,
+            "code": provenance.code_digest(),
+        }
 
     def run_hash(self, cfg: RunConfig) -> str:
         return digest(self.identity(cfg))
 
     def path(self, cfg: RunConfig) -> Path:
-        return self.root / self.run_hash(cfg)
+        """The run's folder: a folder of the store itself, never a link (refused with one line naming it)."""
+        return run_folder(self.root, self.run_hash(cfg))
 
     def model_path(self, cfg: RunConfig) -> Path:
         return self.path(cfg) / "model.pt"
@@ -417,7 +508,7 @@ class RunStore:
     def record(self, cfg: RunConfig) -> dict[str, Any] | None:
         """The finished run's record, or None (also when the record is damaged: it is then trained again)."""
         path = self.path(cfg) / "record.json"
-        if not path.exists():
+        if not os.path.lexists(path):
             return None
         try:
             record = read_record(path)
@@ -461,9 +552,11 @@ class RunStore:
         own = digest(here)
         found = []
         for folder in sorted(self.root.iterdir()):
+            if folder.is_symlink() or not folder.is_dir():
+                continue  # not a run folder of this store: never read through
             try:
-                config = json.loads((folder / "config.json").read_text())
-            except (OSError, ValueError):
+                config = read_json(folder / "config.json")
+            except Damaged:
                 continue
             if not isinstance(config, dict) or config.get("options_hash") != cfg.options_hash:
                 continue
@@ -472,6 +565,8 @@ class RunStore:
             try:
                 record = read_record(folder / "record.json")
             except Damaged:
+                continue
+            if not isinstance(config.get("identity"), dict):
                 continue
             found.append((folder, record, _difference(config.get("identity", {}), here)))
         return found
@@ -484,6 +579,9 @@ class RunStore:
         log = log if log is not None and self.writer else (lambda message: None)
         datasets.check_decode(cfg.dataset, cfg.decode, self.device)  # before the data is read or fingerprinted
         self._check_root()
+        if self.writer and not self._tidied:
+            self._tidied = True
+            self.tidy()
         self.fingerprint(cfg.dataset)  # agreed on by every process of a group before any decision needs it
         if (rec := self._decide(lambda: self.record(cfg))) is not None:
             if self.writer:
@@ -501,9 +599,11 @@ class RunStore:
             )
         if stale and self.stale == "keep":
             folder, rec, why = stale[-1]
-            log(f"reused {folder} (trained {rec.get('finished', 'earlier')}) although it was {why} (--keep-stale)")
+            when = rec.get("finished", "earlier")
+            log(f"reused {folder / 'record.json'} (trained {when}) although it was {why} (--keep-stale)")
             return rec
-        self.method_for(cfg, fs_over_ft=1.0)  # refuse options that do not fit the data before training anything
+        # Refuse options that do not fit the data before training anything.
+        build.method_for(cfg, self.dataset(cfg.dataset, cfg.decode), self.device, fs_over_ft=1.0)
         if cfg.teacher is not None:
             self.ensure(cfg.teacher, progress, log)
             self._check_teacher_model(cfg.teacher, progress, log)
@@ -513,6 +613,29 @@ class RunStore:
             if (rec := self._decide(lambda: self.record(cfg))) is not None:
                 return rec
             return self._train(cfg, run_dir, progress)
+
+    def tidy(self) -> None:
+        """What killed or refused runs left, in the folders no process is training (their lock is free): the
+        trainer's half-written temporary files, and folders that hold nothing but a run's first notes
+        (:func:`_remove_if_abandoned`). Done at the first run a store is asked for."""
+        for folder in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            try:
+                fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue  # being trained
+            try:
+                for leftover in _temporary_files(folder):
+                    leftover.unlink(missing_ok=True)
+                _remove_if_abandoned(folder)
+            finally:
+                os.close(fd)
 
     def _check_root(self) -> None:
         if self.root.exists() and not self.root.is_dir():
@@ -544,59 +667,21 @@ class RunStore:
         self.ensure(teacher, progress, log)
 
     def load_teacher(self, cfg: RunConfig) -> torch.nn.Module:
-        """The frozen teacher of a distillation run, on the store's device, in eval mode, checked to be finite."""
+        """The frozen teacher of a distillation run: its teacher run's model, or the checkpoint file it names,
+        which must still be the file whose content the run's identity holds."""
         source = str(self.model_path(cfg.teacher)) if cfg.teacher else cfg.teacher_checkpoint
         if cfg.teacher is None and file_sha256(source) != cfg.teacher_sha256:
             raise CheckpointError(f"the teacher checkpoint '{source}' changed since this run was configured")
         num_classes = self.dataset(cfg.dataset, cfg.decode).num_classes
-        teacher = models.load_checkpoint(cfg.teacher_arch, source, num_classes=num_classes).to(self.device).eval()
-        if (bad := first_nonfinite(teacher.state_dict())) is not None:
-            raise CheckpointError(f"the teacher checkpoint '{source}' holds non-finite weights (in '{bad}')")
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        return teacher
+        return build.load_teacher(cfg.teacher_arch, source, num_classes, self.device)
 
     def build_trainer(self, cfg: RunConfig, progress: bool = True, alone: bool = False) -> Trainer:
-        """The trainer of ``cfg``: this process's part of the run under a group, unless ``alone`` (a trainer of
-        this process only, to try a checkpoint on while the others wait)."""
+        """The trainer of ``cfg`` (:func:`kcdlib.build.build_trainer`): this process's part of the run under a
+        group, unless ``alone`` (a trainer of this process only, to try a checkpoint on while the others wait)."""
+        teacher = functools.partial(self.load_teacher, cfg) if cfg.kind == "distill" else None
         group = None if alone else self.group
         data = self.dataset(cfg.dataset, cfg.decode)
-        torch.manual_seed(cfg.seed)
-        student = models.create(cfg.arch, num_classes=data.num_classes).to(self.device)
-        teacher = self.load_teacher(cfg) if cfg.kind == "distill" else None
-        context = distillers.DistillContext(
-            num_points=data.num_train,
-            num_classes=data.num_classes,
-            student_dim=models.penultimate_dim(student),
-            teacher_dim=models.penultimate_dim(teacher) if teacher is not None else 0,
-            labels=data.train_labels,
-            options=dict(cfg.distiller_options),
-        )
-        distiller = distillers.build(cfg.distiller, context).to(self.device)
-        fs_over_ft = 1.0
-        if teacher is not None:
-            size = (3, data.image_size, data.image_size)
-            fs_over_ft = cost.forward_macs(student, size) / cost.forward_macs(teacher, size)
-        method = self.method_for(cfg, fs_over_ft, group)
-        return Trainer(
-            student, data, cfg.recipe, distiller, teacher, method, seed=cfg.seed, progress=progress and self.writer,
-            precision=cfg.precision, compile=self.compile, group=group,
-        )  # fmt: skip
-
-    def method_for(self, cfg: RunConfig, fs_over_ft: float, group=None):
-        data = self.dataset(cfg.dataset, cfg.decode)
-        context = methods.MethodContext(
-            num_points=data.num_train,
-            epochs=cfg.recipe.epochs,
-            seed=cfg.seed,
-            options=dict(cfg.method_options),
-            batch_size=cfg.recipe.batch_size,
-            device=str(self.device),
-            fs_over_ft=fs_over_ft,
-            images_in_memory=hasattr(data, "train_images"),
-            group=group,
-        )
-        return methods.build(cfg.method, context)
+        return build.build_trainer(cfg, data, self.device, teacher, self.compile, group, progress and self.writer)
 
     def _teacher_quality(self, trainer: Trainer, cfg: RunConfig) -> dict[str, Any] | None:
         """The teacher's test accuracy, measured here; a teacher near chance is most likely the wrong file."""
@@ -617,15 +702,25 @@ class RunStore:
         if self.writer:
             for leftover in run_dir.glob(".*.tmp"):  # writes a killed process left half done
                 leftover.unlink(missing_ok=True)
-            if (run_dir / "record.json").exists():  # here only when damaged: keep it for a look, out of the way
+            if os.path.lexists(run_dir / "record.json"):  # here only when damaged: keep it for a look, out of the way
                 os.replace(run_dir / "record.json", run_dir / "record.json.damaged")
             owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
             write_json(run_dir / "owner.json", owner)  # who holds the lock, for a process that waits on it
             config = {"hash": run_hash, "options_hash": cfg.options_hash, "identity": identity}
             write_json(run_dir / "config.json", config)
-        trainer = self._resume(cfg, run_dir, progress)
-        teacher = self._teacher_quality(trainer, cfg)
-        trainer.run(on_epoch_end=lambda t: (files.failpoint("epoch"), self._save(t, run_dir), self._epoch_done(t)))
+        try:
+            trainer = self._resume(cfg, run_dir, progress)
+            teacher = self._teacher_quality(trainer, cfg)
+            trainer.run(on_epoch_end=lambda t: (files.failpoint("epoch"), self._save(t, run_dir), self._epoch_done(t)))
+        except Diverged:
+            if self.writer:  # it would diverge again from any of its checkpoints: nothing of it is worth keeping
+                _sweep(run_dir)
+                _remove_if_abandoned(run_dir)
+            raise
+        except KcdError:
+            if self.writer:  # refused before its first epoch (a teacher's file, the data): nothing to resume from
+                _remove_if_abandoned(run_dir)
+            raise
         model = tensor_bytes({"model": trainer.student.state_dict()})
         if self.writer:
             atomic_write(run_dir / "model.pt", model)
@@ -634,6 +729,7 @@ class RunStore:
             "config": cfg.canonical(),
             "data": identity["data"],
             "numerics": NUMERICS_VERSION,
+            "code": identity["code"],
             **trainer.results(),
             "teacher_accuracy": teacher,
             "model_sha256": hashlib.sha256(model).hexdigest(),
@@ -645,7 +741,9 @@ class RunStore:
             },
             "device": device_name(self.device),
             "execution": trainer.execution(),
-            "git_commit": git_commit(),
+            "git_commit": provenance.checkout()["commit"],
+            # The package's tracked files that differed from that commit: a run made from a modified tree says so.
+            "git_modified": provenance.checkout()["modified"],
         }
         record = sealed(record)
         if self.writer:
@@ -746,13 +844,40 @@ def _version_of(path: Path) -> str:
 TRAINER_WRITES = ("checkpoint-", "images-", "model.pt", "record.json", "config.json", "owner.json")
 
 
+def _temporary_files(run_dir: Path) -> list[Path]:
+    """The trainer's half-written files in ``run_dir`` (not other temporary files: a reader may be writing a cache
+    beside a finished run)."""
+    return [p for name in TRAINER_WRITES for p in run_dir.glob(f".{name}*.tmp")]
+
+
 def _sweep(run_dir: Path) -> None:
-    """Remove what only an unfinished run needs: checkpoints, image snapshots, their half-written temporary files
-    and the owner note (not other temporary files: a reader may be writing a cache beside a finished run)."""
-    trainer_files = ("checkpoint-*.pt", "images-*.pt", "owner.json", *(f".{name}*.tmp" for name in TRAINER_WRITES))
-    for pattern in trainer_files:
+    """Remove what only an unfinished run needs: checkpoints, image snapshots, the trainer's half-written temporary
+    files and the owner note."""
+    for pattern in ("checkpoint-*.pt", "images-*.pt", "owner.json"):
         for leftover in run_dir.glob(pattern):
             leftover.unlink(missing_ok=True)
+    for leftover in _temporary_files(run_dir):
+        leftover.unlink(missing_ok=True)
+
+
+# What a run folder holds before its first epoch: a folder with nothing else was abandoned by a refused or
+# diverged run (or a killed one that had not finished an epoch) and is removed.
+STARTING_FILES = {"config.json", "owner.json"}
+
+
+def _remove_if_abandoned(run_dir: Path) -> bool:
+    """Remove ``run_dir`` if it holds only :data:`STARTING_FILES` (and temporary files); whether it did."""
+    try:
+        names = {p.name for p in run_dir.iterdir()}
+    except OSError:
+        return False
+    if {n for n in names if not n.endswith(".tmp")} - STARTING_FILES:
+        return False
+    for name in names:
+        (run_dir / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()
+    return True
 
 
 def _verified_tensors(path: Path, device: torch.device) -> Any:
@@ -774,12 +899,16 @@ def _difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     reasons = []
     if old.get("numerics") != new["numerics"]:
         reasons.append(f"made by numerics version {old.get('numerics')} (this code: {new['numerics']})")
-    a, b = old.get("data") or {}, new["data"]
+    if old.get("code") != new["code"]:
+        reasons.append(f"made by other code (code {old.get('code') or 'unrecorded'}, this code: {new['code']}: "
+                       f"see kcdlib.provenance)")  # fmt: skip
+    a, b = old.get("data") if isinstance(old.get("data"), dict) else {}, new["data"]
     if a != b:
         if (a.get("num_train"), a.get("num_test")) != (b["num_train"], b["num_test"]):
             reasons.append(f"made on other data ({a.get('num_train')}/{a.get('num_test')} train/test images, "
                            f"now {b['num_train']}/{b['num_test']})")  # fmt: skip
-        else:
-            reasons.append(f"made on other data (training split {str(a.get('train_sha256'))[:12]}, now "
-                           f"{b['train_sha256'][:12]})")  # fmt: skip
+        splits = [split for split in ("train", "test") if a.get(f"{split}_sha256") != b[f"{split}_sha256"]]
+        for split in splits:
+            reasons.append(f"made on other data ({split} split {str(a.get(f'{split}_sha256'))[:12]}, now "
+                           f"{b[f'{split}_sha256'][:12]})")  # fmt: skip
     return " and ".join(reasons) or "made under another identity"

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CHILD_ENV, STUDENT, TEACHER_EPOCHS, copy_run, short_kd
+from conftest import CHILD_ENV, STUDENT, TEACHER_EPOCHS, copy_run, run_cli, short_kd
 
 import kcdlib.data
 import kcdlib.runs
-from kcdlib import distillers
+from kcdlib import distillers, files, provenance
 from kcdlib.artefacts import common
 from kcdlib.cli import build_parser, config_from_args
-from kcdlib.errors import StaleRun
+from kcdlib.errors import Diverged, StaleRun, StoreError
 from kcdlib.profiles import get_profile
 from kcdlib.runs import RunStore, StoreWarning, distill_config, file_sha256, locked, sha16, teacher_config
 from kcdlib.train import Trainer
@@ -514,3 +514,168 @@ def test_waiting_for_the_lock_says_who_holds_it(kd_run, tmp_path):
     assert not waiting.is_alive()
     # The run finished while it waited: the record is reused, not trained again.
     assert results == [kd_run.record]
+
+
+# A cheap distillation from the CLI: one epoch of the suite's student from a teacher of one epoch.
+KD_CLI_ARGS = ["distill", "--dataset", "digits", "--teacher", "resnet8", "--student", STUDENT, "--epochs", "1",
+               "--seed", "3", "--device", "cpu", "--no-progress"]  # fmt: skip
+
+
+# -- 4. trust that holds when things change quietly (issue 16) --------------------------------------------------
+def test_a_changed_loss_is_other_code_and_a_comment_is_not():
+    """The code digest follows the program, not its text: kd_loss's body changed is another digest; a comment, a
+    docstring or the layout changed is the same one; notebooks are not part of it."""
+    source = (Path(provenance.PACKAGE) / "distillers.py").read_text()
+    same = {
+        "comment": source.replace("def kd_loss(", "# a new comment\ndef kd_loss(", 1),
+        "docstring": source.replace('"""', '"""Reworded. ', 1),
+        "layout": source.replace("def kd_loss(", "\n\n\ndef kd_loss(", 1),
+    }
+    digest = provenance.module_digest(source)
+    for what, text in same.items():
+        assert provenance.module_digest(text) == digest, what
+    changed = source.replace("* temperature**2 /", "* 0.5 * temperature**2 /", 1)
+    assert changed != source and provenance.module_digest(changed) != digest
+    names = {p.relative_to(provenance.PACKAGE).as_posix() for p in provenance.code_files()}
+    assert {"distillers.py", "train.py", "condense.py", "build.py", "models/resnet.py", "data/device.py"} <= names
+    assert not {"runs.py", "cli.py", "book.py", "plan.py"} & names and not any("notebooks" in n for n in names)
+
+
+def test_a_record_made_by_other_code_is_stale(kd_run, tmp_path, monkeypatch):
+    """kd_loss changed without a NUMERICS_VERSION bump: the old record is refused as stale, naming the code;
+    --keep-stale reuses it saying which record; records say which code made them and whether the tree was
+    modified."""
+    st, old = kd_run.copy(tmp_path)
+    assert kd_run.record["code"] == provenance.code_digest() and isinstance(kd_run.record["git_modified"], list)
+    monkeypatch.setattr(provenance, "code_digest", lambda: "0123456789abcdef")
+    with pytest.raises(StaleRun, match="made by other code") as err:
+        RunStore(st.root).ensure(kd_run.cfg, progress=False)
+    assert str(old) in str(err.value) and "numerics" not in str(err.value)
+    lines = []
+    assert RunStore(st.root, stale="keep").ensure(kd_run.cfg, progress=False, log=lines.append) == kd_run.record
+    assert any(str(old / "record.json") in line for line in lines), lines
+
+
+def test_a_record_of_another_test_split_is_stale(kd_run, tmp_path, monkeypatch):
+    st, old = kd_run.copy(tmp_path)
+    real = kcdlib.data.fingerprint
+    monkeypatch.setattr(kcdlib.data, "fingerprint", lambda *a, **kw: {**real(*a, **kw), "test_sha256": "1" * 64})
+    with pytest.raises(StaleRun, match="other data \\(test split"):
+        RunStore(st.root).ensure(kd_run.cfg, progress=False)
+
+
+def test_a_run_folder_that_is_a_link_is_refused_and_nothing_is_written_through_it(kd_run, tmp_path):
+    """A link in place of a run's folder, to another run's folder and to a folder outside the store: one line naming
+    it, and the other run's record and model untouched."""
+    st, run = kd_run.copy(tmp_path)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    shutil.rmtree(run)
+    for target in (other, st.path(kd_run.cfg.teacher)):
+        if run.is_symlink():
+            run.unlink()
+        run.symlink_to(target, target_is_directory=True)
+        before = sorted((p.name, p.stat().st_mtime_ns) for p in target.iterdir())
+        with pytest.raises(StoreError, match=f"run folder '{re.escape(str(run))}' is a link"):
+            st.ensure(kd_run.cfg, progress=False)
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in target.iterdir()) == before
+    same_run = ["distill", "--dataset", "digits", "--teacher", "resnet20", "--teacher-epochs", str(TEACHER_EPOCHS),
+                "--student", STUDENT, "--epochs", "1", "--seed", "7", "--device", "cpu", "--no-progress"]  # fmt: skip
+    result = run_cli(*same_run, "--runs-dir", str(st.root))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "is a link" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_planted_link_at_a_temporary_file_is_not_written_through(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("untouched")
+    target = tmp_path / "record.json"
+    (tmp_path / f".record.json.{os.getpid()}.tmp").symlink_to(victim)
+    files.atomic_write(target, b"{}")
+    assert victim.read_text() == "untouched" and target.read_bytes() == b"{}" and not target.is_symlink()
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ('{"final_top1": NaN}', "bare NaN"),
+        ('{"final_top1": 1e999}', "not finite"),
+        ("[" * 100_000 + "]" * 100_000, "nested deeper"),
+        ("[" * 40 + "]" * 40, "nested deeper"),
+    ],
+    ids=["nan", "overflow", "deep", "deeper-than-a-record"],
+)
+def test_malformed_json_is_named_never_a_traceback(tmp_path, text, why):
+    path = tmp_path / "record.json"
+    path.write_text(text)
+    with pytest.raises(files.BadFile, match=why):
+        files.read_json(path)
+
+
+def test_malformed_records_are_set_aside_and_one_folder_never_blocks_the_store(kd_run, small_teacher, tmp_path):
+    """A record with a bare NaN, a resealed record with a string where a number belongs, and a deeply nested
+    config.json in another run's folder: named as damaged, the run trained again, the other runs untouched."""
+    st, run = kd_run.copy(tmp_path)
+    other = st.root / small_teacher.record["hash"]
+    shutil.copytree(small_teacher.root / small_teacher.record["hash"], other)
+    (other / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    text = (run / "record.json").read_text()
+    for bad, why in (
+        (text.replace('"final_top1": ', '"final_top1": NaN, "x": ', 1), "bare NaN"),
+        (json.dumps(kcdlib.runs.sealed({**kd_run.record, "final_top1": "99.9"})), "'final_top1' is \"99.9\""),
+    ):
+        (run / "record.json").write_text(bad)
+        assert RunStore(st.root).record(small_teacher.cfg) is not None
+        with pytest.warns(StoreWarning, match=f"is damaged \\(.*{re.escape(why)}"):
+            assert RunStore(st.root).record(kd_run.cfg) is None
+    rec = RunStore(st.root).ensure(kd_run.cfg, progress=False)
+    assert stable(rec) == stable(kd_run.record) and (run / "record.json.damaged").exists()
+
+
+def test_a_record_that_is_a_link_is_damaged(kd_run, tmp_path):
+    st, run = kd_run.copy(tmp_path)
+    outside = tmp_path / "forged.json"
+    os.replace(run / "record.json", outside)
+    (run / "record.json").symlink_to(outside)
+    with pytest.warns(StoreWarning, match="is a link"):
+        assert st.record(kd_run.cfg) is None
+
+
+def test_a_diverged_run_leaves_nothing_and_leftovers_go_at_the_next_start(kd_run, tmp_path, monkeypatch):
+    st, run = kd_run.copy(tmp_path)
+    cfg = replace(kd_run.cfg, seed=11)
+
+    def diverge(self, on_epoch_end=None):
+        raise Diverged("the loss is NaN at epoch 1")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(Trainer, "run", diverge)
+        with pytest.raises(Diverged):
+            st.ensure(cfg, progress=False)
+    assert not st.path(cfg).exists()
+    # What a killed process left: an abandoned start and half-written files in a finished run's folder.
+    abandoned = st.root / ("f" * 16)
+    abandoned.mkdir()
+    (abandoned / "config.json").write_text("{}")
+    (abandoned / "owner.json").write_text("{}")
+    half = [run / ".record.json.999999.tmp", run / ".checkpoint-e000001-v0-0.pt.999999.tmp"]
+    for path in half:
+        path.write_bytes(b"x" * 1000)
+    reader_cache = run / ".watch.npz.999999.tmp"  # a notebook's cache beside a finished run: not the trainer's
+    reader_cache.write_bytes(b"x")
+    RunStore(st.root).ensure(kd_run.cfg, progress=False)
+    assert not abandoned.exists() and not any(p.exists() for p in half) and reader_cache.exists()
+
+
+def test_two_processes_build_the_same_runs_at_once(tmp_path):
+    """Two processes ask a fresh store for the same teacher and student at once (as two notebooks of one build
+    do): one identity each, one trains and the other reuses, no stale run, no second folder."""
+    runs = tmp_path / "runs"
+    args = [*KD_CLI_ARGS, "--teacher-epochs", "1", "--runs-dir", str(runs)]
+    command = [sys.executable, "-m", "kcdlib", *args]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
+             for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e for _, e in outs]
+    assert len({o.strip().splitlines()[-1] for o, _ in outs}) == 1
+    assert len(list(runs.iterdir())) == 2 and len(list(runs.glob("*/record.json"))) == 2
