@@ -269,7 +269,5 @@ def verify_or_fail(root: str | Path, data_root: str, device: str, echo=print) ->
 
 def summary(verdicts: list[Verdict], root: str | Path) -> str:
     """``verified 37 runs in <root>: 37 ok`` (or how many failed)."""
-    failed = sum(not v.ok for v in verdicts)
-    return f"verified {len(verdicts)} runs in {root}: {len(verdicts) - failed} ok" + (
-        f", {failed} FAILED" if failed else ""
-    )
+    n, failed = len(verdicts), sum(not v.ok for v in verdicts)
+    return f"verified {n} run{'s' * (n != 1)} in {root}: {n - failed} ok" + (f", {failed} FAILED" if failed else "")
