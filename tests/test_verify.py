@@ -75,6 +75,8 @@ def test_other_device_allows_a_stated_number_of_images(copied):
     forge(teacher, **shifted(teacher, 1))
     v = verify.verify_run(teacher, device="cpu")
     assert not v.ok and "3 images apart (at most 2 allowed)" in v.line()
+    for other in ({"device": "cpu (x86_64, 16 cores)", "world_size": 2}, {"execution": {"compile": "default"}}):
+        assert not verify.exact_rule({**read_record(teacher / "record.json"), **other}, torch.device("cpu"))
     assert verify.allowed_images(10_000, exact=False) == 10 and verify.allowed_images(50_000, exact=False) == 50
 
 
