@@ -26,7 +26,7 @@ from .methods import METHODS
 from .options import device as resolve_device
 from .profiles import published_teachers
 from .runs import MAX_SEED, RunConfig, RunStore, distill_config, teacher_config
-from .verify import VerificationFailed
+from .verify import VerificationFailed, summary, verify_store
 
 EXIT_FAILED = 1  # a check failed (kcd runs verify, kcd book --verify)
 EXIT_USAGE = 2
@@ -312,9 +312,7 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "models":
             print("\n".join(models.ARCHS))
             return 0
-        if args.command == "runs":
-            from .verify import summary, verify_store
-
+        if args.command == "runs" and args.runs_command == "verify":
             device = resolve_device(args.device)
             verdicts = verify_store(args.runs_dir, args.run or None, args.data_root, device, echo=print)
             print(summary(verdicts, args.runs_dir))
