@@ -167,6 +167,7 @@ def build_book(
     stale: str = "stop",
     teachers_dir: str | None = None,
     schedule: dict[str, int] | None = None,
+    verify: bool = False,
 ) -> Path:
     """Execute the notebooks of ``profile`` into ``out/book/artefacts/`` and build ``out/_build/html``.
 
@@ -177,7 +178,9 @@ def build_book(
     missing runs are trained ``jobs_per_device`` at a time on each of ``devices``. ``teachers_dir`` holds
     published teachers; ``schedule`` overrides the profile's ``epochs``, ``stage_epochs`` and ``teacher_epochs``
     (a rehearsal of a long profile). The device is checked first: a profile's CUDA on a machine without one is a
-    one-line :class:`~kcdlib.errors.BadOption`, not a traceback from inside a notebook."""
+    one-line :class:`~kcdlib.errors.BadOption`, not a traceback from inside a notebook. ``verify``: once the
+    notebooks ran, every finished run of ``runs_dir`` is re-evaluated (:func:`kcdlib.verify.verify_or_fail`) and a
+    failure fails the build."""
     p = get_profile(profile)
     try:
         device = resolve_device(device or p.device)
@@ -238,6 +241,10 @@ def build_book(
                 for future in [pool.submit(run, i, name) for i, name in enumerate(names, 1)]:
                     future.result()
     echo(f"notebooks executed in {time.perf_counter() - start:.0f} s (profile '{p.name}', runs in {runs_dir})")
+    if verify:
+        from .verify import verify_or_fail
+
+        verify_or_fail(runs_dir, data_root, device, echo)
     if not html:
         return book_artefacts
     return build_html(out, echo)

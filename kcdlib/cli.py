@@ -26,7 +26,9 @@ from .methods import METHODS
 from .options import device as resolve_device
 from .profiles import published_teachers
 from .runs import MAX_SEED, RunConfig, RunStore, distill_config, teacher_config
+from .verify import VerificationFailed, summary, verify_store
 
+EXIT_FAILED = 1  # a check failed (kcd runs verify, kcd book --verify)
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -175,7 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--teacher-epochs", type=at_least(1), help="epochs of the teachers trained here")
     b.add_argument("--plan", action="store_true", help="train nothing: list the runs the book needs, which the run "
                    "store holds, and their estimated device time (a few steps timed on --device)")  # fmt: skip
+    b.add_argument("--verify", action="store_true", help="after the notebooks, re-evaluate every finished run of "
+                   "the runs dir (as `kcd runs verify`); a failure fails the build")  # fmt: skip
     add_stale(b)
+
+    r = sub.add_parser("runs", help="the run store: verify its runs")
+    runs_sub = r.add_subparsers(dest="runs_command", required=True, metavar="SUBCOMMAND")
+    v = runs_sub.add_parser("verify", help="re-evaluate each stored final model on its test split and check the "
+                            "record's accuracies, the model's hash and the data's fingerprint")  # fmt: skip
+    v.add_argument("run", nargs="*", metavar="RUN", help="run hashes or run folders (default: every finished run)")
+    v.add_argument("--runs-dir", default="runs", help="the run store (default: ./runs)")
+    v.add_argument("--data-root", default="data", help="folder holding cifar-100-python/ or imagenet train/ val/")
+    v.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     return parser
 
 
@@ -299,6 +312,11 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "models":
             print("\n".join(models.ARCHS))
             return 0
+        if args.command == "runs" and args.runs_command == "verify":
+            device = resolve_device(args.device)
+            verdicts = verify_store(args.runs_dir, args.run or None, args.data_root, device, echo=print)
+            print(summary(verdicts, args.runs_dir))
+            return 0 if all(v.ok for v in verdicts) else EXIT_FAILED
         if args.command == "book":
             from .book import build_book
 
@@ -314,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
             out = build_book(
                 args.profile, args.data_root, device, args.runs_dir, html=not args.skip_html, jobs=args.jobs,
                 devices=devices, jobs_per_device=args.jobs_per_device, compile=args.compile, stale=args.stale,
-                teachers_dir=args.teachers_dir, schedule=schedule, out=args.out,
+                teachers_dir=args.teachers_dir, schedule=schedule, out=args.out, verify=args.verify,
             )  # fmt: skip
             print(out)
             return 0
@@ -328,6 +346,9 @@ def run(args: argparse.Namespace) -> int:
             print(summary_line(cfg, rec))
             print(store.path(cfg) / "record.json")
         return 0
+    except VerificationFailed as err:
+        print(f"kcd: {err}", file=sys.stderr)
+        return EXIT_FAILED
     except KcdError as err:
         rank = os.environ.get("RANK", "0") if distributed.launched_by_torchrun() else "0"
         print(f"kcd: error{'' if rank == '0' else f' (process {rank})'}: {err}", file=sys.stderr)
