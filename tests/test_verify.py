@@ -121,7 +121,10 @@ def test_changed_data_fails_naming_the_fields(copied, monkeypatch):
     monkeypatch.setattr(kcdlib.data, "fingerprint", lambda name, root="data": other)
     v = verify.verify_run(teacher, device="cpu")
     assert not v.ok
-    assert "the data under 'data' is not the record's: test_sha256 (record none, here 111111111111), " in v.line()
+    assert (
+        f"the data under 'data' is not the record's: test_sha256 (record {real['test_sha256'][:12]}, here "
+        "111111111111), " in v.line()
+    )
     assert f"train_sha256 (record {real['train_sha256'][:12]}, here 000000000000)" in v.line()
 
 
