@@ -19,7 +19,15 @@ def load_digits(device: str | torch.device = "cpu", image_size: int = 16) -> Dev
     Fixed stratified split (80 % / 20 %, ``random_state=0``): 1,437 training points and 360 test images. The 8x8
     images (values 0..16) are scaled to 0..255 and upsampled bilinearly to ``image_size``; the channel is
     repeated three times so every CIFAR architecture accepts them. Padding is scaled with the image (4 at 32).
+
+    Read once per process and image size (:func:`_digits`): the images a process trains on are the very ones its
+    fingerprint hashed, even if scikit-learn's file changes while it runs.
     """
+    return _digits(image_size).to(device)
+
+
+@functools.cache
+def _digits(image_size: int) -> DeviceDataset:
     from sklearn.datasets import load_digits as sk_digits
     from sklearn.model_selection import train_test_split
 
@@ -34,7 +42,7 @@ def load_digits(device: str | torch.device = "cpu", image_size: int = 16) -> Dev
     tr, te = torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(te))
     return DeviceDataset(
         "digits", 10, x[tr].contiguous(), y[tr], x[te].contiguous(), y[te], pad=max(1, image_size // 8)
-    ).to(device)
+    )
 
 
 @functools.cache
