@@ -680,3 +680,17 @@ def test_two_processes_build_the_same_runs_at_once(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], [e for _, e in outs]
     assert len({o.strip().splitlines()[-1] for o, _ in outs}) == 1
     assert len(list(runs.iterdir())) == 2 and len(list(runs.glob("*/record.json"))) == 2
+
+
+def test_the_code_digest_is_the_same_under_every_python():
+    """The digest must not change with the interpreter (the GPU machine runs 3.12, this one 3.11): computed by
+    every other CPython 3.10+ found on this machine (pyenv's or on PATH), it equals this process's."""
+    found = [*Path("/root/.pyenv/versions").glob("3.1[0-9]*/bin/python"), *Path("/usr/bin").glob("python3.1[0-9]")]
+    others = sorted(str(p) for p in found if p.is_file())
+    if not others:
+        pytest.skip("no other CPython 3.10+ on this machine to compare the code digest with")
+    code = "from kcdlib import provenance; print(provenance.code_digest())"
+    env = {**CHILD_ENV, "PYTHONPATH": str(provenance.PACKAGE.parent)}
+    for python in others:
+        done = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+        assert done.stdout.strip() == provenance.code_digest(), (python, done.stderr[-500:])
