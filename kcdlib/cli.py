@@ -17,7 +17,7 @@ import sys
 import textwrap
 import warnings
 
-from . import distributed, models
+from . import archive, cluster, distributed, models
 from .data import DECODES
 from .distillers import DISTILLERS
 from .errors import BadOption, KcdError
@@ -175,7 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--teacher-epochs", type=at_least(1), help="epochs of the teachers trained here")
     b.add_argument("--plan", action="store_true", help="train nothing: list the runs the book needs, which the run "
                    "store holds, and their estimated device time (a few steps timed on --device)")  # fmt: skip
+    b.add_argument("--only", help="comma-separated notebooks (e.g. table1): only their runs and pages")
+    b.add_argument(
+        "--from-records",
+        action="store_true",
+        help="render from the run store alone (runs imported "
+        "with kcd runs import): train nothing, use the recorded data fingerprints, name missing runs",
+    )
     add_stale(b)
+    cluster.add_options(b)
+    archive.add_parser(sub)
     return parser
 
 
@@ -299,8 +308,10 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "models":
             print("\n".join(models.ARCHS))
             return 0
+        if args.command == "runs":
+            return archive.command(args)
         if args.command == "book":
-            from .book import build_book
+            from .book import REPO, build_book
 
             device = resolve_device(args.device) if args.device else None
             devices = [resolve_device(d) for d in args.devices.split(",")] if args.devices else None
@@ -315,8 +326,12 @@ def run(args: argparse.Namespace) -> int:
                 args.profile, args.data_root, device, args.runs_dir, html=not args.skip_html, jobs=args.jobs,
                 devices=devices, jobs_per_device=args.jobs_per_device, compile=args.compile, stale=args.stale,
                 teachers_dir=args.teachers_dir, schedule=schedule, out=args.out,
+                names=tuple(args.only.split(",")) if args.only else None, from_records=args.from_records,
+                slurm=cluster.options_from_args(args, args.runs_dir or REPO / "runs") if args.executor == "slurm"
+                else None, wait=not args.no_wait,
             )  # fmt: skip
-            print(out)
+            if out is not None:
+                print(out)
             return 0
         cfg = config_from_args(args)
         # Under torchrun: this process's part of the run, on cuda:LOCAL_RANK (NCCL) or the CPU (gloo).

@@ -363,6 +363,10 @@ class RunStore:
     ``stale`` says what to do when a run is missing but the store holds a finished record of the same options
     made on other data or by other numerics: ``stop`` (default) raises :class:`StaleRun` naming it and why,
     ``rerun`` trains the run anew (the old folder stays), ``keep`` reuses the old record as it is.
+
+    ``recorded_fingerprints`` (``kcd book --from-records``: runs made elsewhere, no dataset here) maps a dataset to
+    the data fingerprint its runs were recorded on (:func:`kcdlib.archive.recorded_fingerprints`), used instead of
+    one computed from the data; such a store renders only, it trains nothing.
     """
 
     def __init__(
@@ -373,6 +377,7 @@ class RunStore:
         compile: str = "off",
         stale: str = "stop",
         group=None,
+        recorded_fingerprints: dict[str, dict[str, Any]] | None = None,
     ):
         if stale not in STALE_POLICIES:
             raise BadOption(f"unknown stale policy '{stale}': one of {', '.join(STALE_POLICIES)}")
@@ -386,7 +391,8 @@ class RunStore:
         self.writer = group is None or group.is_writer
         self._deciding = False
         self._datasets: dict[tuple[str, str], Any] = {}
-        self._fingerprints: dict[str, dict[str, Any]] = {}
+        self.recorded_fingerprints = recorded_fingerprints
+        self._fingerprints: dict[str, dict[str, Any]] = dict(recorded_fingerprints or {})
         self._warned: set[str] = set()
         # Per run folder being trained: images version -> the file this process wrote or verified for it.
         self._images_files: dict[Path, dict[int, str]] = {}
@@ -503,6 +509,9 @@ class RunStore:
             folder, rec, why = stale[-1]
             log(f"reused {folder} (trained {rec.get('finished', 'earlier')}) although it was {why} (--keep-stale)")
             return rec
+        if self.recorded_fingerprints is not None:
+            raise StoreError(f"run {self.run_hash(cfg)} is not in the store, and a store rendering from records "
+                             "trains nothing: import it (kcd runs import) or build without --from-records")  # fmt: skip
         self.method_for(cfg, fs_over_ft=1.0)  # refuse options that do not fit the data before training anything
         if cfg.teacher is not None:
             self.ensure(cfg.teacher, progress, log)
