@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -301,14 +302,21 @@ def outcome(s: Submitted, state: str | None) -> Outcome | None:
             job.result()
             return Outcome(True)
         except Exception as err:  # noqa: BLE001 - the job's own exception, as submitit gives it back
-            lines = [line for line in str(err).strip().splitlines() if line.strip()]
-            return Outcome(False, lines[-1] if lines else type(err).__name__, log_tail(job))
+            return Outcome(False, exception_line(str(err)) or type(err).__name__, log_tail(job))
     if state in ENDED:
         why = f"Slurm ended it as {state} without a result"
         if state == "CANCELLED" and s.depends_on:
             why += f" (it waited for teacher job {', '.join(s.depends_on)}, which failed)"
         return Outcome(False, why, log_tail(job))
     return None
+
+
+def exception_line(traceback: str) -> str:
+    """The line of a traceback that names the exception (``CheckpointError: ...``), shortened."""
+    lines = [line.strip() for line in traceback.strip().splitlines() if line.strip()]
+    named = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b.*", line)]
+    line = (named or lines or [""])[-1]
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def log_tail(job, lines: int = 8) -> str:
