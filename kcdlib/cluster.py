@@ -26,6 +26,7 @@ Several nodes share one run store: it must be on a file system where the run loc
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -216,6 +217,9 @@ def submit(
     check_lock(store.root)
     check_lock(options.logs)
     missing = [c for c in dict.fromkeys(with_teachers(configs)) if store.record(c) is None]
+    # A run in a job submitted before (kcd book --no-wait, then kcd book again) is not submitted twice.
+    busy = in_flight(options.logs)
+    missing = [c for c in missing if store.run_hash(c) not in busy]
     if not missing:
         return []
     args = {"root": str(Path(store.root).resolve()), "data_root": str(Path(store.data_root).resolve()),
@@ -262,9 +266,50 @@ def submit(
     for deps, runs in by_deps.items():
         for ranks, groups in packed(runs).items():
             array(groups, "students", ranks, list(deps))
+    _remember(options.logs, {folder.name: s.job_id for s in submitted for folder in s.folders})
     echo(f"slurm: submitted {len(submitted)} jobs for {len(missing)} runs ({len(teachers)} teachers first); "
          f"logs in {options.logs}")  # fmt: skip
     return submitted
+
+
+# Which Slurm job trains which run, for a later kcd book (run hash -> job id), in submitit's folder.
+SUBMITTED_FILE = "submitted.json"
+
+
+def _remember(logs: str, jobs: dict[str, str]) -> None:
+    from .files import atomic_write
+
+    path = Path(logs) / SUBMITTED_FILE
+    known = _read_submitted(path)
+    atomic_write(path, (json.dumps({**known, **jobs}, indent=1) + "\n").encode())
+
+
+def _read_submitted(path: Path) -> dict[str, str]:
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return (
+        {k: v for k, v in known.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(known, dict) else {}
+    )
+
+
+def in_flight(logs: str) -> dict[str, str]:
+    """The runs (hash -> job id) of jobs submitted before that Slurm still lists as queued or running."""
+    known = _read_submitted(Path(logs) / SUBMITTED_FILE)
+    states = slurm_states(sorted(set(known.values())))
+    return {run: job for run, job in known.items() if states.get(job) and states[job] not in ENDED}
+
+
+def wait_in_flight(logs: str, echo: Callable[[str], None], poll_s: float) -> None:
+    """Wait for the jobs of an earlier ``kcd book`` still queued or running (one line when their count changes)."""
+    shown = -1
+    while busy := in_flight(logs):
+        jobs = sorted(set(busy.values()))
+        if len(jobs) != shown:
+            echo(f"slurm: waiting for {len(jobs)} jobs submitted before ({', '.join(jobs)}) training {len(busy)} runs")
+            shown = len(jobs)
+        time.sleep(poll_s)
 
 
 def slurm_states(job_ids: Sequence[str]) -> dict[str, str]:
@@ -393,6 +438,9 @@ def ensure_on_slurm(
 ) -> list[Submitted]:
     """Submit what the store lacks and (unless ``wait_for_jobs`` is false) wait for it; raises
     :class:`SlurmError` naming every failed run, after all jobs have ended."""
+    if wait_for_jobs:
+        check_slurm()
+        wait_in_flight(options.logs, echo, poll_s)
     submitted = submit(configs, store, options, jobs_per_device, echo)
     if not submitted or not wait_for_jobs:
         return submitted
