@@ -234,6 +234,28 @@ def recorded_fingerprints(root: str | Path) -> dict[str, dict[str, Any]]:
     return found
 
 
+# Where ``kcd book`` says how this build got its runs; book/reproduce.md includes it.
+PROVENANCE_PAGE = "book/_provenance.md"
+
+
+def write_provenance(out: Path, runs_dir: Path, from_records: bool) -> None:
+    """The reproduce page's paragraph on where the runs come from: trained (or reused) on the building machine's
+    data, or, with ``--from-records``, only read from the store, with the data fingerprints recorded in it."""
+    if not from_records:
+        text = ("The runs of this build were trained, or reused from the run store, on the data of the machine "
+                "that built it; each run's record holds the fingerprint of the data it was made on.")  # fmt: skip
+    else:
+        data = "; ".join(
+            f"{name}: {fp.get('num_train')} training images, training split `{str(fp.get('train_sha256'))[:16]}`"
+            for name, fp in recorded_fingerprints(runs_dir).items()
+        )
+        text = ("**This book was rendered from records** (`kcd book --from-records`): no run was trained and no "
+                "dataset was read where it was rendered. Every run was imported with its record (`kcd runs "
+                "import`), checked, and is identified with the data fingerprint recorded with it, not one computed "
+                f"here: {data or 'no data'}.")  # fmt: skip
+    (out / PROVENANCE_PAGE).write_text(text + "\n")
+
+
 def check_complete(configs: Sequence[RunConfig], store: RunStore) -> None:
     """Raise :class:`MissingRuns` naming every run of ``configs`` (and their teachers) the store lacks."""
     from .artefacts.session import describe

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from . import artefacts
-from .archive import recorded_env
+from .archive import recorded_env, write_provenance
 from .errors import BadOption, KcdError
 from .options import device as resolve_device
 from .profiles import get_profile
@@ -206,6 +206,7 @@ def build_book(
             else:
                 shutil.copy2(src, out / name)
     (out / "_toc.yml").write_text(toc(names))
+    write_provenance(out, runs_dir, from_records)
     book_artefacts = out / "book" / "artefacts"
     parameters = {
         "profile": p.name,

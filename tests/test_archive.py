@@ -68,6 +68,11 @@ def test_export_import_and_render_from_records_give_the_same_table(exported, tmp
     assert done.returncode == 0, done.stderr
     assert "the data fingerprints are the recorded ones (digits), nothing is trained" in done.stdout
     assert sorted(p.name for p in fresh.iterdir()) == sorted(manifest["runs"])  # nothing trained
+    said = (rendered / "book" / "_provenance.md").read_text()
+    assert (
+        said.startswith("**This book was rendered from records**")
+        and store.fingerprint("digits")["train_sha256"][:16] in said
+    )
     a = table_cells(out / "book" / "artefacts" / f"{NOTEBOOK}.ipynb")
     b = table_cells(rendered / "book" / "artefacts" / f"{NOTEBOOK}.ipynb")
     assert len(a) > 2 and a == b
