@@ -38,6 +38,7 @@ from .runs import Damaged, RunConfig, RunStore, digest, read_record
 
 FORMAT = "kcd-runs/1"
 # What an archive may hold, and how large each file may be.
+# (tar lists folders too when an archive is repacked by hand: the folders of these names are passed over.)
 MEMBER = re.compile(r"^runs/([0-9a-f]{16})/(config\.json|record\.json|model\.pt)$")
 MAX_SIZES = {"manifest.json": 64 << 20, "config.json": 1 << 20, "record.json": 16 << 20, "model.pt": 2 << 30}
 MAX_MEMBERS = 100_000
@@ -122,6 +123,8 @@ def read_archive(path: str | Path) -> tuple[dict[str, Any], dict[str, bytes]]:
             name = member.name
             if count > MAX_MEMBERS:
                 raise ArchiveError(f"{path}: more than {MAX_MEMBERS} members")
+            if member.isdir() and re.fullmatch(r"runs(/[0-9a-f]{16})?/?", name):
+                continue  # a folder entry of a repacked archive: nothing to read
             if not member.isfile():
                 raise ArchiveError(f"{path}: member '{name}' is not a plain file (a link, device or folder)")
             match = MEMBER.match(name)
@@ -275,6 +278,7 @@ def add_parser(sub) -> None:
     e = verbs.add_parser("export", help="write the records a profile's book needs into one archive")
     e.add_argument("--profile", default="smoke", help="the profile whose book's runs are exported")
     e.add_argument("--out", required=True, help="the archive to write (.tar.gz)")
+    e.add_argument("--only", help="comma-separated notebooks (e.g. table1): only their runs")
     e.add_argument("--models", action="store_true", help="include the final models (model.pt)")
     e.add_argument("--runs-dir", default="runs", help="the run store (default: ./runs)")
     e.add_argument("--data-root", default="data", help="where the data the runs were made on lives")
@@ -297,6 +301,7 @@ def command(args) -> int:
     from .book import notebooks
     from .cluster import book_runs
 
-    configs, store = book_runs(args.profile, notebooks(), args.runs_dir, args.data_root, args.device)
+    names = tuple(args.only.split(",")) if args.only else notebooks()
+    configs, store = book_runs(args.profile, names, args.runs_dir, args.data_root, args.device)
     export_runs(configs, store, args.out, models=args.models, profile=args.profile)
     return 0
