@@ -11,9 +11,11 @@ functions to Slurm), not a scheduler of ours. :func:`submit` turns the runs the 
 - **large runs** (ImageNet, :data:`WHOLE_NODE_DATASETS`) are one job of ``gpus_per_node`` tasks, one per GPU:
   submitit exports torchrun's variables (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ...) and the run trains as it
   does under torchrun (:mod:`kcdlib.distributed`: the same run, the same record);
-- **preemption and time limits** lose nothing: a job is a :class:`submitit.helpers.Checkpointable`; when Slurm
-  signals it (``USR2``, ``slurm_signal_delay_s`` before its time limit, or on preemption) submitit requeues it,
-  and the requeued job asks the run store for its runs again, which resumes each from its last checkpoint.
+- **preemption and time limits** lose nothing: a job is checkpointable in submitit's sense (it has the
+  ``checkpoint`` method :class:`submitit.helpers.Checkpointable` provides; not that class itself, so that
+  importing kcdlib does not import submitit); when Slurm signals it (``USR2``, ``slurm_signal_delay_s`` before its
+  time limit, or on preemption) submitit requeues it, and the requeued job asks the run store for its runs again,
+  which resumes each from its last checkpoint.
 
 The time limit of a job is the plan's H200 estimate of its runs (:func:`kcdlib.plan.h200_run_seconds`) times
 :data:`TIME_MARGIN`, at least :data:`MIN_TIME_MIN`, unless ``time_min`` is given. :func:`wait` prints one line of
@@ -73,14 +75,15 @@ class SlurmOptions:
     signal_delay_s: int = 120
     max_requeues: int = 8
 
-    def extra(self) -> dict[str, str]:
-        """``sbatch`` as submitit's ``slurm_additional_parameters`` (``--mail-type=END`` -> ``mail_type: END``)."""
-        out = {}
+    def extra(self) -> dict[str, str | bool]:
+        """``sbatch`` as submitit's ``additional_parameters`` (``--mail-type=END`` -> ``mail_type: END``, a flag
+        such as ``--exclusive`` -> ``exclusive: True``)."""
+        out: dict[str, str | bool] = {}
         for option in self.sbatch:
-            key, sep, value = option.lstrip("-").partition("=")
-            if not key or not sep:
-                raise BadOption(f"an extra sbatch option must be --key=value, got '{option}'")
-            out[key.replace("-", "_")] = value
+            key, sep, value = option.partition("=")
+            if not key.startswith("--") or len(key) < 3 or (sep and not value):
+                raise BadOption(f"an extra sbatch option is --key=value or --flag, got '{option}'")
+            out[key[2:].replace("-", "_")] = value if sep else True
         return out
 
 

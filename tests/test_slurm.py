@@ -136,3 +136,36 @@ def test_a_preempted_job_is_requeued_and_ends_with_the_uninterrupted_record(slur
     assert int(job_info(job.job_id)["Restarts"]) >= 1
     assert "this job is preempted" in Path(job.job.paths.stderr).read_text()
     assert stable(store.record(student)) == stable(RunStore(tmp_path / "local").ensure(student, progress=False))
+
+
+def test_a_store_where_the_lock_does_not_hold_across_nodes_is_refused(tmp_path):
+    from kcdlib.errors import StoreError
+    from kcdlib.sharedfs import check_lock, lock_problem, mount_of
+
+    assert lock_problem("lustre", {"rw", "flock"}) is None
+    assert "localflock" in lock_problem("lustre", {"rw", "localflock"})
+    assert "mount it with -o flock" in lock_problem("lustre", {"rw"})
+    assert lock_problem("nfs4", {"rw", "local_lock=none"}) is None
+    assert lock_problem("nfs", {"rw", "local_lock=flock"}) and lock_problem("nfs4", {"nolock"})
+    assert lock_problem("ext4", {"rw"}) is None
+    check_lock(tmp_path / "store")  # this machine's own disk: the lock holds
+    assert mount_of(tmp_path)[1]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StoreError):
+        check_lock(tmp_path / "file" / "store")
+
+
+def test_time_limits_come_from_the_plan_with_a_margin(tmp_path):
+    from kcdlib.cluster import MIN_TIME_MIN, job_minutes
+    from kcdlib.plan import h200_run_seconds
+
+    cifar = distill_config("cifar100", "resnet8x4", teacher_checkpoint=__file__, teacher_arch="resnet32x4")
+    opts = SlurmOptions(logs=str(tmp_path))
+    assert job_minutes([cifar], 1, opts) == max(MIN_TIME_MIN, -(-2 * h200_run_seconds(cifar) // 60))
+    assert job_minutes([cifar] * 4, 4, opts) < job_minutes([cifar] * 4, 1, opts)  # packed runs share the GPU
+    assert job_minutes([cifar], 1, SlurmOptions(logs=str(tmp_path), time_min=7)) == 7
+    assert SlurmOptions(logs="x", sbatch=("--mail-type=END", "--constraint=h100")).extra() == {
+        "mail_type": "END", "constraint": "h100"}  # fmt: skip
+    assert SlurmOptions(logs="x", sbatch=("--exclusive",)).extra() == {"exclusive": True}
+    with pytest.raises(Exception, match="--key=value or --flag"):
+        SlurmOptions(logs="x", sbatch=("constraint=h100",)).extra()
