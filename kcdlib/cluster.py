@@ -225,8 +225,11 @@ def submit(
     missing = [c for c in missing if store.run_hash(c) not in busy]
     if not missing:
         return []
+    # Jobs with GPUs train on them, whatever device this (login) node looked the runs up with: a run's identity
+    # does not depend on its device, so `kcd book --device cpu --executor slurm` on a node without CUDA works.
+    device = "cuda" if options.gpus_per_node > 0 else str(store.device)
     args = {"root": str(Path(store.root).resolve()), "data_root": str(Path(store.data_root).resolve()),
-            "device": str(store.device), "compile": store.compile, "stale": store.stale}  # fmt: skip
+            "device": device, "compile": store.compile, "stale": store.stale}  # fmt: skip
     teacher_set = {c.teacher for c in missing if c.teacher is not None and c.teacher in missing}
     teachers = [c for c in missing if c in teacher_set]
     students = [c for c in missing if c not in teacher_set]
