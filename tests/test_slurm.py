@@ -55,17 +55,13 @@ def slurm():
     start = time.perf_counter()
     subprocess.run([str(START), str(folder)], check=True, env=env, timeout=120)
     print(f"slurm started in {time.perf_counter() - start:.1f} s")
-    before = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(folder / "slurm.conf")
-    # Jobs inherit this environment (sbatch's --export=ALL): one thread each, this checkout's kcdlib.
-    os.environ["OMP_NUM_THREADS"] = "1"
-    os.environ["PYTHONPATH"] = CHILD_ENV.get("PYTHONPATH") or str(Path(__file__).parents[1])
-    yield folder
-    subprocess.run([str(START), str(folder), "stop"], check=False, timeout=60)
-    if before is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = before
+    # Jobs inherit this environment (sbatch's --export=ALL): this cluster, one thread each, this checkout's kcdlib.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLURM_CONF", str(folder / "slurm.conf"))
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.setenv("PYTHONPATH", CHILD_ENV.get("PYTHONPATH") or str(Path(__file__).parents[1]))
+        yield folder
+        subprocess.run([str(START), str(folder), "stop"], check=False, timeout=60)
     shutil.rmtree(folder, ignore_errors=True)
 
 
