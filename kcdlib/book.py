@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from . import artefacts
+from .archive import recorded_env, write_provenance
 from .errors import BadOption, KcdError
 from .options import device as resolve_device
 from .profiles import get_profile
@@ -167,8 +168,11 @@ def build_book(
     stale: str = "stop",
     teachers_dir: str | None = None,
     schedule: dict[str, int] | None = None,
+    slurm=None,
+    wait: bool = True,
+    from_records: bool = False,
     verify: bool = False,
-) -> Path:
+) -> Path | None:
     """Execute the notebooks of ``profile`` into ``out/book/artefacts/`` and build ``out/_build/html``.
 
     ``out`` defaults to the checkout itself; another folder gets a copy of the book's sources first (the test
@@ -177,10 +181,12 @@ def build_book(
     executed, ``jobs`` at a time (their runs are shared safely: the run store locks each run); inside a notebook,
     missing runs are trained ``jobs_per_device`` at a time on each of ``devices``. ``teachers_dir`` holds
     published teachers; ``schedule`` overrides the profile's ``epochs``, ``stage_epochs`` and ``teacher_epochs``
-    (a rehearsal of a long profile). The device is checked first: a profile's CUDA on a machine without one is a
-    one-line :class:`~kcdlib.errors.BadOption`, not a traceback from inside a notebook. ``verify``: once the
-    notebooks ran, every finished run of ``runs_dir`` is re-evaluated (:func:`kcdlib.verify.verify_or_fail`) and a
-    failure fails the build."""
+    (a rehearsal of a long profile). ``slurm`` (:class:`kcdlib.cluster.SlurmOptions`) trains the missing runs on
+    a Slurm cluster first (:mod:`kcdlib.cluster`); without ``wait`` it submits them and returns None.
+    ``from_records`` renders from the store alone (:mod:`kcdlib.archive`). ``verify``: once the notebooks ran,
+    every finished run of ``runs_dir`` is re-evaluated (:func:`kcdlib.verify.verify_or_fail`) and a failure fails
+    the build. The device is checked first: a profile's CUDA on a machine without one is a one-line
+    :class:`~kcdlib.errors.BadOption`, not a traceback from inside a notebook."""
     p = get_profile(profile)
     try:
         device = resolve_device(device or p.device)
@@ -202,6 +208,7 @@ def build_book(
             else:
                 shutil.copy2(src, out / name)
     (out / "_toc.yml").write_text(toc(names))
+    write_provenance(out, runs_dir, from_records)
     book_artefacts = out / "book" / "artefacts"
     parameters = {
         "profile": p.name,
@@ -216,8 +223,17 @@ def build_book(
         "book_root": str(out),
         **(schedule or {}),
     }
+    if slurm is not None or from_records:  # the runs first: on the cluster, or checked to be in the store
+        from .cluster import runs_before_notebooks
+
+        if not runs_before_notebooks(p.name, names, parameters, slurm, wait, from_records, echo):
+            return None
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="kcd-progress-") as folder, Progress(Path(folder), echo) as progress:
+    with (
+        recorded_env(from_records),
+        tempfile.TemporaryDirectory(prefix="kcd-progress-") as folder,
+        Progress(Path(folder), echo) as progress,
+    ):
 
         def run(i: int, name: str) -> None:
             t = time.perf_counter()

@@ -17,7 +17,7 @@ import sys
 import textwrap
 import warnings
 
-from . import distributed, models
+from . import archive, cluster, distributed, models
 from .data import DECODES
 from .distillers import DISTILLERS
 from .errors import BadOption, KcdError
@@ -179,9 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "store holds, and their estimated device time (a few steps timed on --device)")  # fmt: skip
     b.add_argument("--verify", action="store_true", help="after the notebooks, re-evaluate every finished run of "
                    "the runs dir (as `kcd runs verify`); a failure fails the build")  # fmt: skip
+    b.add_argument("--only", help="comma-separated notebooks (e.g. table1): only their runs and pages")
+    b.add_argument(
+        "--from-records",
+        action="store_true",
+        help="render from the run store alone (runs imported "
+        "with kcd runs import): train nothing, use the recorded data fingerprints, name missing runs",
+    )
     add_stale(b)
+    cluster.add_options(b)
 
-    r = sub.add_parser("runs", help="the run store: verify its runs")
+    r = sub.add_parser("runs", help="the run store: verify its runs, export them to an archive, import one")
     runs_sub = r.add_subparsers(dest="runs_command", required=True, metavar="SUBCOMMAND")
     v = runs_sub.add_parser("verify", help="re-evaluate each stored final model on its test split and check the "
                             "record's accuracies, the model's hash and the data's fingerprint")  # fmt: skip
@@ -189,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--runs-dir", default="runs", help="the run store (default: ./runs)")
     v.add_argument("--data-root", default="data", help="folder holding cifar-100-python/ or imagenet train/ val/")
     v.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    archive.add_parsers(runs_sub)
     return parser
 
 
@@ -317,8 +326,10 @@ def run(args: argparse.Namespace) -> int:
             verdicts = verify_store(args.runs_dir, args.run or None, args.data_root, device, echo=print)
             print(summary(verdicts, args.runs_dir))
             return 0 if all(v.ok for v in verdicts) else EXIT_FAILED
+        if args.command == "runs":
+            return archive.command(args)
         if args.command == "book":
-            from .book import build_book
+            from .book import REPO, build_book
 
             device = resolve_device(args.device) if args.device else None
             devices = [resolve_device(d) for d in args.devices.split(",")] if args.devices else None
@@ -333,8 +344,12 @@ def run(args: argparse.Namespace) -> int:
                 args.profile, args.data_root, device, args.runs_dir, html=not args.skip_html, jobs=args.jobs,
                 devices=devices, jobs_per_device=args.jobs_per_device, compile=args.compile, stale=args.stale,
                 teachers_dir=args.teachers_dir, schedule=schedule, out=args.out, verify=args.verify,
+                names=tuple(args.only.split(",")) if args.only else None, from_records=args.from_records,
+                slurm=cluster.options_from_args(args, args.runs_dir or REPO / "runs") if args.executor == "slurm"
+                else None, wait=not args.no_wait,
             )  # fmt: skip
-            print(out)
+            if out is not None:
+                print(out)
             return 0
         cfg = config_from_args(args)
         # Under torchrun: this process's part of the run, on cuda:LOCAL_RANK (NCCL) or the CPU (gloo).

@@ -447,6 +447,12 @@ class RunStore:
     ``stale`` says what to do when a run is missing but the store holds a finished record of the same options
     made on other data or by other numerics: ``stop`` (default) raises :class:`StaleRun` naming it and why,
     ``rerun`` trains the run anew (the old folder stays), ``keep`` reuses the old record as it is.
+
+    ``recorded_fingerprints`` (``kcd book --from-records``: runs made elsewhere, no dataset here) maps a dataset to
+    the data fingerprint its runs were recorded on (:func:`kcdlib.archive.recorded_fingerprints`), used instead of
+    one computed from the data, and ``recorded_code`` the code digest they were made by
+    (:func:`kcdlib.archive.recorded_code`), used instead of this code's: the records are rendered as they were
+    made. Such a store renders only, it trains nothing.
     """
 
     def __init__(
@@ -457,6 +463,8 @@ class RunStore:
         compile: str = "off",
         stale: str = "stop",
         group=None,
+        recorded_fingerprints: dict[str, dict[str, Any]] | None = None,
+        recorded_code: str | None = None,
     ):
         if stale not in STALE_POLICIES:
             raise BadOption(f"unknown stale policy '{stale}': one of {', '.join(STALE_POLICIES)}")
@@ -470,7 +478,9 @@ class RunStore:
         self.writer = group is None or group.is_writer
         self._deciding = False
         self._datasets: dict[tuple[str, str], Any] = {}
-        self._fingerprints: dict[str, dict[str, Any]] = {}
+        self.recorded_fingerprints = recorded_fingerprints
+        self._fingerprints: dict[str, dict[str, Any]] = dict(recorded_fingerprints or {})
+        self.code = recorded_code or provenance.code_digest()
         self._warned: set[str] = set()
         self._tidied = False
         # Per run folder being trained: images version -> the file this process wrote or verified for it.
@@ -491,7 +501,7 @@ class RunStore:
             "run": cfg.canonical(),
             "data": self.fingerprint(cfg.dataset),
             "numerics": NUMERICS_VERSION,
-            "code": provenance.code_digest(),
+            "code": self.code,
         }
 
     def run_hash(self, cfg: RunConfig) -> str:
@@ -602,6 +612,9 @@ class RunStore:
             when = rec.get("finished", "earlier")
             log(f"reused {folder / 'record.json'} (trained {when}) although it was {why} (--keep-stale)")
             return rec
+        if self.recorded_fingerprints is not None:
+            raise StoreError(f"run {self.run_hash(cfg)} is not in the store, and a store rendering from records "
+                             "trains nothing: import it (kcd runs import) or build without --from-records")  # fmt: skip
         # Refuse options that do not fit the data before training anything.
         build.method_for(cfg, self.dataset(cfg.dataset, cfg.decode), self.device, fs_over_ft=1.0)
         if cfg.teacher is not None:

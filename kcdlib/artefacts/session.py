@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import distillers, methods, options
+from ..archive import FROM_RECORDS_ENV, recorded_code, recorded_fingerprints
 from ..errors import BadOption
 from ..fastpath import COMPILE_MODES
 from ..files import atomic_write
@@ -181,7 +182,12 @@ def setup(
     published = published_teachers(teachers_dir, p.teacher_archs())
     if published:
         p = p.with_options(teacher_checkpoints={**p.teacher_checkpoints, **published})
-    store = RunStore(runs_dir, data_root, options.device(device or p.device), compile, stale)
+    # kcd book --from-records: the data fingerprints and the code come from the store's records (the data is not
+    # here, and the code may be newer).
+    from_records = os.environ.get(FROM_RECORDS_ENV) == "1"
+    store = RunStore(runs_dir, data_root, options.device(device or p.device), compile, stale,
+                     recorded_fingerprints=recorded_fingerprints(runs_dir) if from_records else None,
+                     recorded_code=recorded_code(runs_dir) if from_records else None)  # fmt: skip
     return Session(
         p, store, devices or [str(store.device)], jobs_per_device,
         Path(progress_file) if progress_file else None, Path(book_root) if book_root else None,
