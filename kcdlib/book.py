@@ -103,12 +103,13 @@ def execute_notebook(
 
 
 class Progress:
-    """Prints each new line of the notebooks' progress files (``[i/n] name: run 3/17: ..., epoch 5/12``)."""
+    """Prints each line the notebooks append to their progress files (``[i/n] name: run 3/17: ..., epoch 5/12``),
+    every line once, in order."""
 
     def __init__(self, folder: Path, echo, every: float = 1.0):
         self.folder, self.echo, self.every = folder, echo, every
         self.active: dict[str, str] = {}  # name -> "[i/n] name"
-        self.shown: dict[str, str] = {}
+        self.read: dict[str, int] = {}  # name -> bytes of its file already printed
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
@@ -128,14 +129,18 @@ class Progress:
     def poll(self) -> None:
         with self.lock:
             active = dict(self.active)
-        for name, prefix in active.items():
-            try:
-                line = self.file(name).read_text().strip()
-            except OSError:
-                continue
-            if line and self.shown.get(name) != line:
-                self.shown[name] = line
-                self.echo(f"{prefix}: {line}")
+            for name, prefix in active.items():
+                try:
+                    with open(self.file(name), "rb") as f:
+                        f.seek(self.read.get(name, 0))
+                        chunk = f.read()
+                except OSError:
+                    continue
+                complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written waits for the next look
+                self.read[name] = self.read.get(name, 0) + len(complete)
+                for line in complete.decode().splitlines():
+                    if line.strip():
+                        self.echo(f"{prefix}: {line.strip()}")
 
     def _watch(self) -> None:
         while not self.stop.wait(self.every):
