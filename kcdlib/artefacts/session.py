@@ -113,8 +113,10 @@ def describe(cfg: RunConfig) -> str:
     if cfg.kind == "teacher":
         return f"teacher {cfg.arch} ({cfg.recipe.epochs} epochs), seed {cfg.seed}"
     changed = non_default_options(cfg)
-    return f"{cfg.arch} from {cfg.teacher_arch}, {cfg.distiller}/{cfg.method}{' ' + changed if changed else ''}, " \
+    return (
+        f"{cfg.arch} from {cfg.teacher_arch}, {cfg.distiller}/{cfg.method}{' ' + changed if changed else ''}, "
         f"seed {cfg.seed}"
+    )
 
 
 def setup(
