@@ -176,7 +176,42 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plan", action="store_true", help="train nothing: list the runs the book needs, which the run "
                    "store holds, and their estimated device time (a few steps timed on --device)")  # fmt: skip
     add_stale(b)
+
+    n = sub.add_parser("notebook", help="execute one notebook of the book with new parameters (papermill), e.g. "
+                       "kcd notebook table5 -p temperature 2 -y 'seeds: [0, 1, 2]'")  # fmt: skip
+    n.add_argument("name", help="the notebook: table1 ... table7, figure5, kcd_in_five_minutes")
+    n.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="a parameter of the notebook's parameters cell (a number, True/False/None or text)")  # fmt: skip
+    n.add_argument("-y", "--yaml", action="append", default=[], help="parameters as YAML, for lists: 'seeds: [0, 1]'")
+    n.add_argument("--out", help="the executed notebook (default: NAME.ipynb here)")
     return parser
+
+
+def notebook_value(text: str):
+    """A ``-p`` value as papermill reads it: True/False/None, a whole number, a number, else the text."""
+    if text in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[text]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def notebook_parameters(args) -> dict:
+    import yaml
+
+    parameters = {name: notebook_value(value) for name, value in args.parameter}
+    for text in args.yaml:
+        try:
+            given = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise BadOption(f"-y '{text}' is not YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(given, dict):
+            raise BadOption(f"-y '{text}' must be 'name: value' (e.g. -y 'seeds: [0, 1, 2]')")
+        parameters.update(given)
+    return parameters
 
 
 def guess_arch(path: str) -> str:
@@ -317,6 +352,11 @@ def run(args: argparse.Namespace) -> int:
                 teachers_dir=args.teachers_dir, schedule=schedule, out=args.out,
             )  # fmt: skip
             print(out)
+            return 0
+        if args.command == "notebook":
+            from .book import run_notebook
+
+            print(run_notebook(args.name, notebook_parameters(args), args.out or f"{args.name}.ipynb"))
             return 0
         cfg = config_from_args(args)
         # Under torchrun: this process's part of the run, on cuda:LOCAL_RANK (NCCL) or the CPU (gloo).

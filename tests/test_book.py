@@ -78,6 +78,7 @@ def test_book_html_is_built_offline(tiny_book):
 
 
 def test_failing_notebook_names_notebook_and_cell(tmp_path):
+    """One line: the notebook, its cell, the error, and the file that keeps the full traceback."""
     nb = book.read_notebook(book.REPO / "notebooks" / "table3.md")
     nb.cells.insert(2, nbformat.v4.new_code_cell('raise RuntimeError("deliberately broken")'))
     broken = tmp_path / "broken_table.md"
@@ -85,7 +86,52 @@ def test_failing_notebook_names_notebook_and_cell(tmp_path):
     with pytest.raises(book.NotebookFailed) as err:
         book.execute_notebook(broken, tmp_path / "out" / "broken_table.ipynb", {"profile": "tiny"})
     message = str(err.value)
-    assert "broken_table.md" in message and "cell" in message and "deliberately broken" in message
+    assert "'broken_table' (cell " in message and "RuntimeError: deliberately broken" in message
+    log = tmp_path / "out" / "broken_table.log"
+    assert f"Full traceback: {log}" in message and "\n" not in message
+    assert "Traceback" in log.read_text() or "deliberately broken" in log.read_text()
+
+
+def test_a_notebook_parameter_is_checked_before_any_kernel(tmp_path, capsys):
+    """A typo is refused with the closest parameter (papermill would inject it unused and run the defaults)."""
+    code = cli.main(["notebook", "table5", "-p", "temprature", "2", "--out", str(tmp_path / "t5.ipynb")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == (
+        "kcd: error: notebook 'table5' has no parameter 'temprature' (did you mean 'temperature'?)"
+    )
+    assert not (tmp_path / "t5.ipynb").exists()
+    assert cli.main(["notebook", "tabel5"]) == 2 and "did you mean 'table5'?" in capsys.readouterr().err
+
+
+def test_a_refused_parameter_inside_a_notebook_is_one_line(tmp_path, capsys):
+    """The session refuses the schedule in the notebook's kernel: kcd prints its message, not papermill's traceback."""
+    out = tmp_path / "t5.ipynb"
+    code = cli.main(["notebook", "table5", "-p", "profile", "tiny", "-p", "runs_dir", str(tmp_path / "runs"),
+                     "-p", "epochs", "5", "-p", "stage_epochs", "2", "--out", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("kcd: error: notebook 'table5' (cell ") and "BadOption" not in err
+    assert "parameter epochs (5) must be a multiple of stage_epochs (2)" in err and "condensing. Full" in err
+    assert f"Full traceback: {out.with_suffix('.log')}" in err and "BadOption" in out.with_suffix(".log").read_text()
+    assert "Traceback" not in err and "IPKernelApp" not in err
+
+
+@pytest.mark.parametrize("where", ["file", "under_a_file"])
+def test_kcd_book_out_that_cannot_be_written_is_one_line(tmp_path, capsys, where):
+    (tmp_path / "f").write_text("")
+    out = tmp_path / "f" if where == "file" else tmp_path / "f" / "book"
+    code = cli.main(["book", "--profile", "tiny", "--out", str(out), "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(tmp_path / "f") in err, err
+
+
+def test_kcd_book_checks_the_data_before_any_kernel(tmp_path, capsys):
+    """The course profile's CIFAR-100 missing: one line at once, nothing written (it was a notebook's error)."""
+    code = cli.main(["book", "--profile", "course", "--device", "cpu", "--data-root", str(tmp_path / "nodata"),
+                     "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "CIFAR-100 was not found" in err
+    assert ".." not in err and not (tmp_path / "out").exists()
 
 
 def test_profiles_and_reference_data():
