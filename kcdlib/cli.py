@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "kcd notebook table5 -p temperature 2 -y 'seeds: [0, 1, 2]'")  # fmt: skip
     n.add_argument("name", help="the notebook: table1 ... table7, figure5, kcd_in_five_minutes")
     n.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                   help="a parameter of the notebook's parameters cell (a number, True/False/None or text)")  # fmt: skip
+                   help="a parameter of its parameters cell (a number, True/False/None or text)")  # fmt: skip
     n.add_argument("-y", "--yaml", action="append", default=[], help="parameters as YAML, for lists: 'seeds: [0, 1]'")
     n.add_argument("--out", help="the executed notebook (default: NAME.ipynb here)")
     return parser
