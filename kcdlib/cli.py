@@ -366,7 +366,10 @@ def run(args: argparse.Namespace) -> int:
         rec = store.ensure(cfg, progress=not args.no_progress, log=lambda line: print(f"kcd: {line}", file=sys.stderr))
         if store.writer:
             print(summary_line(cfg, rec))
-            print(store.path(cfg) / "record.json")
+            record = store.path(cfg) / "record.json"
+            if not record.exists() and store.stale == "keep":  # --keep-stale reused an older folder's record
+                record = store.stale_records(cfg)[-1][0] / "record.json"
+            print(record)
         return 0
     except KcdError as err:
         rank = os.environ.get("RANK", "0") if distributed.launched_by_torchrun() else "0"
