@@ -501,8 +501,10 @@ class RunStore:
             )
         if stale and self.stale == "keep":
             folder, rec, why = stale[-1]
-            log(f"reused {folder / 'record.json'} (trained {rec.get('finished', 'earlier')}) although it was {why} "
-                "(--keep-stale)")
+            log(
+                f"reused {folder / 'record.json'} (trained {rec.get('finished', 'earlier')}) although it was {why} "
+                "(--keep-stale)"
+            )
             return rec
         self.method_for(cfg, fs_over_ft=1.0)  # refuse options that do not fit the data before training anything
         if cfg.teacher is not None:
