@@ -312,10 +312,30 @@ def launch(argv: list[str], nproc: int) -> int:
     if distributed.launched_by_torchrun():
         print("kcd: error: --nproc launches torchrun, and this process already runs under it", file=sys.stderr)
         return EXIT_USAGE
+    proc = subprocess.Popen(distributed.torchrun_command(nproc, without_nproc(argv)),
+                            preexec_fn=die_with(os.getpid()))  # fmt: skip
     try:
-        return subprocess.run(distributed.torchrun_command(nproc, without_nproc(argv))).returncode
-    except KeyboardInterrupt:
+        return proc.wait()
+    except KeyboardInterrupt:  # torchrun got the same Ctrl-C (one process group): it stops its workers
+        proc.wait()
         return EXIT_INTERRUPTED
+
+
+def die_with(parent: int):
+    """A ``preexec_fn``: the child gets SIGTERM when ``parent`` dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG),
+    so a killed ``kcd --nproc`` leaves no torchrun training (torchrun stops its workers on SIGTERM)."""
+    import ctypes
+    import signal
+
+    def preexec() -> None:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        except AttributeError:  # no prctl (not Linux): the launcher's own signals still reach torchrun
+            return
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os._exit(1)
+
+    return preexec
 
 
 def main(argv: list[str] | None = None) -> int:
