@@ -43,9 +43,9 @@ PARTS = (
 # The kernels' own log (a warning at every start that the loopback TCP transport is not encrypted: messages are
 # signed with the session's key, and ipc sockets would be files in the notebooks' folder) stays out of the output.
 KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
-# Cells of papermill's making that the rendered book does not show (the injected parameters hold this machine's
-# absolute paths).
-HIDDEN_TAGS = {"injected-parameters": "remove-cell"}
+# Cells the rendered book does not show: papermill's injected parameters (they hold this machine's absolute paths);
+# and folds: the parameters cell (25 lines before the artefact; a click shows them).
+HIDDEN_TAGS = {"injected-parameters": "remove-cell", "parameters": "hide-cell"}
 
 
 def notebooks() -> tuple[str, ...]:

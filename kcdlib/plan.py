@@ -32,11 +32,11 @@ import torch
 
 from . import artefacts, condense, cost, models
 from . import data as datasets
+from .artefacts.common import non_default_options
 from .data import DeviceDataset
-from .distillers import DISTILLERS, DistillContext
+from .distillers import DistillContext
 from .distillers import build as build_distiller
 from .errors import DatasetInvalid, DatasetMissing
-from .methods import METHODS
 from .profiles import Profile, get_profile
 from .recipe import Recipe
 from .runs import RunConfig, RunStore
@@ -260,22 +260,6 @@ def notebook_phases(p: Profile, to_train: set[str], seconds: dict[str, float]) -
         done |= {c.options_hash for c in rest}
         groups.append([[seconds[c.options_hash] for c in teachers], [seconds[c.options_hash] for c in rest]])
     return groups
-
-
-def non_default_options(cfg: RunConfig) -> str:
-    """The run's method and distiller options that differ from their defaults (KCD's stage length: ``epochs/6``)."""
-    parts = []
-    for name, value in cfg.method_options:
-        spec = METHODS[cfg.method].option_specs[name]
-        default = cfg.recipe.epochs // 6 if name == "stage_epochs" and cfg.recipe.epochs % 6 == 0 else spec.default
-        if value != default:
-            parts.append(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}")
-    for name, value in cfg.distiller_options:
-        if value != DISTILLERS[cfg.distiller].option_specs[name].default:
-            parts.append(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}")
-    if cfg.teacher_sha256 is not None:
-        parts.append("published teacher")
-    return " ".join(parts)
 
 
 def store_status(store: RunStore, cfg: RunConfig) -> tuple[str, str | None]:

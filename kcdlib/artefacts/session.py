@@ -16,7 +16,7 @@ from ..errors import BadOption
 from ..fastpath import COMPILE_MODES
 from ..profiles import Profile, get_profile, published_teachers
 from ..runs import MAX_SEED, RunConfig, RunStore
-from .common import unique
+from .common import non_default_options, unique
 
 # The course's knobs: notebook parameter -> the distiller option it sets (every distiller that has it; UNIX's own
 # loss is UNIX's protocol and keeps its values).
@@ -108,8 +108,6 @@ class Session:
 def describe(cfg: RunConfig) -> str:
     """A run in a few words, from its own options: ``teacher resnet20 (15 epochs), seed 0`` or ``resnet8 from
     resnet20, kd/kcd rho=0.5, seed 0`` (the options that differ from their defaults, as ``kcd book --plan``)."""
-    from ..plan import non_default_options
-
     if cfg.kind == "teacher":
         return f"teacher {cfg.arch} ({cfg.recipe.epochs} epochs), seed {cfg.seed}"
     changed = non_default_options(cfg)
