@@ -8,7 +8,7 @@ import jupytext
 import pytest
 
 from kcdlib import artefacts, book, distillers, plan
-from kcdlib.artefacts import common, session, table1, table4
+from kcdlib.artefacts import common, session, table1, table4, table5
 from kcdlib.profiles import get_profile
 from kcdlib.runs import RunStore
 
@@ -164,3 +164,19 @@ def test_a_run_is_described_by_its_own_options():
     runs = table4.ARTEFACT.runs(p)
     labels = [session.describe(c) for c in runs]
     assert len(set(labels)) == len(runs), labels
+
+
+def test_captions_name_the_settings_the_runs_used(tmp_path):
+    """After the README's `-p temperature 2 -p epochs 4`, Table 5's caption says T=2 and 4 epochs first (it said
+    "other settings as in the paper" and the profile's 12 epochs); with the paper's settings it names none."""
+    s = session.setup("smoke", str(tmp_path), temperature=2, epochs=4)
+    runs = table5.ARTEFACT.runs(s.profile)
+    assert {dict(c.distiller_options)["temperature"] for c in runs} == {2}
+    text = common.caption("Table 5", s.profile, s.profile.grid_pairs, runs=runs, varied=("alpha",))
+    assert text.startswith("Table 5. This build: 4 epochs, KCD stages of 2; not the paper's settings: T=2. ")
+    assert "as in the paper" not in text and "with its schedule changed by the parameters" in text
+    plain = session.setup("smoke", str(tmp_path))
+    text = common.caption("Table 5", plain.profile, plain.profile.grid_pairs, runs=table5.ARTEFACT.runs(plain.profile),
+                          varied=("alpha",))  # fmt: skip
+    assert "not the paper's" not in text and text.startswith("Table 5. This build: 12 epochs, KCD stages of 2. ")
+    assert "Profile 'smoke' (digits on the CPU" in text
