@@ -141,7 +141,7 @@ def test_the_session_reports_the_run_and_epoch_in_progress(tmp_path):
     cfg = common.distill(p, p.table2_pair)
     s = session.Session(p, Store(), ["cpu"], progress_file=progress_file)
     assert s.ensure([cfg], progress=False) == [{"arch": "resnet8"}]  # the records of the runs asked for only
-    teacher = f"run 1/2: teacher resnet20 ({p.teacher_epochs} epochs), seed 0"
+    teacher = f"run 1/2: resnet20 trained alone ({p.teacher_epochs} epochs), seed 0"
     student = "run 2/2: resnet8 from resnet20, kd/kd, seed 0"
     assert progress_file.read_text().splitlines() == [
         teacher, *(f"{teacher}, epoch {e}/{p.teacher_epochs}" for e in range(1, p.teacher_epochs + 1)),

@@ -106,10 +106,11 @@ class Session:
 
 
 def describe(cfg: RunConfig) -> str:
-    """A run in a few words, from its own options: ``teacher resnet20 (15 epochs), seed 0`` or ``resnet8 from
-    resnet20, kd/kcd rho=0.5, seed 0`` (the options that differ from their defaults, as ``kcd book --plan``)."""
+    """A run in a few words, from its own options: ``resnet20 trained alone (15 epochs), seed 0`` (a teacher, or
+    Table 1's student row) or ``resnet8 from resnet20, kd/kcd rho=0.5, seed 0`` (the options that differ from
+    their defaults, as ``kcd book --plan``)."""
     if cfg.kind == "teacher":
-        return f"teacher {cfg.arch} ({cfg.recipe.epochs} epochs), seed {cfg.seed}"
+        return f"{cfg.arch} trained alone ({cfg.recipe.epochs} epochs), seed {cfg.seed}"
     changed = non_default_options(cfg)
     return (
         f"{cfg.arch} from {cfg.teacher_arch}, {cfg.distiller}/{cfg.method}{' ' + changed if changed else ''}, "
