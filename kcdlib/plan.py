@@ -78,6 +78,8 @@ H200_NOTES = (
 )
 
 SHORT = {"kcd_in_five_minutes": "5min", "figure5": "F5", **{f"table{i}": f"T{i}" for i in range(1, 8)}}
+# A teacher (or Table 1's student row) is trained with cross-entropy alone: no method, no distiller.
+TRAINED_ALONE = "–"
 
 
 # -- concurrency ---------------------------------------------------------------------------------------------
@@ -477,9 +479,11 @@ def _plan(p, store, devices, jobs_per_device, epochs, stage_epochs, teacher_epoc
         if why:
             unknown.setdefault(cfg.dataset, why)
         pair = cfg.arch if cfg.kind == "teacher" else f"{cfg.teacher_arch} → {cfg.arch}"
+        alone = cfg.kind == "teacher"
         rows.append({
-            "#": i, "status": status, "kind": cfg.kind, "pair": pair, "dataset": cfg.dataset, "method": cfg.method,
-            "distiller": cfg.distiller, "options": non_default_options(cfg), "seed": cfg.seed,
+            "#": i, "status": status, "kind": cfg.kind, "pair": pair, "dataset": cfg.dataset,
+            "method": TRAINED_ALONE if alone else cfg.method, "distiller": TRAINED_ALONE if alone else cfg.distiller,
+            "options": non_default_options(cfg), "seed": cfg.seed,
             "epochs": cfg.recipe.epochs, "points %": 100 * train_fraction(cfg),
             "for": " ".join(needed_by.get(cfg.options_hash, [])),
             "est_s": run_seconds(cfg, timings[keys[cfg.options_hash]]), "h200_s": h200_run_seconds(cfg),
@@ -578,7 +582,10 @@ def format_plan(frame: pd.DataFrame, max_rows: int | None = None) -> str:
         f"H200, extrapolated from benchmarks/README.md (not measured): {human(a['h200_to_train_s'])} of device time "
         f"to train (all: {human(a['h200_all_s'])}); wall on one H200 {'; '.join(h200)}"
     )
-    notes = [ESTIMATE_NOTES, H200_NOTES]
+    tags = ", ".join(f"{tag} {name}" for name, tag in SHORT.items())
+    notes = [f"kind 'teacher': trained with cross-entropy alone (a teacher, or Table 1's student row), so no method "
+             f"or distiller ('{TRAINED_ALONE}'). 'for': the notebooks that need the run ({tags}).",
+             ESTIMATE_NOTES, H200_NOTES]  # fmt: skip
     if a["device_type"] != "cuda":
         notes.append(
             f"Timed on {CPU_TIMING_THREADS} CPU thread, in CPU time (what other processes on the machine take does "
