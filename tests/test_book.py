@@ -267,3 +267,44 @@ def test_jupyterlab_opens_the_text_notebooks_as_notebooks(tmp_path, monkeypatch)
     viewers = overrides["@jupyterlab/docmanager-extension:plugin"]["defaultViewers"]
     assert not error and viewers["markdown"] == viewers["myst"] == "Jupytext Notebook"
     assert ".ipynb_checkpoints/" in (book.REPO / ".gitignore").read_text().splitlines()
+
+
+def documented_commands(text: str, command: str) -> list[list[str]]:
+    """The `.venv/bin/kcd COMMAND ...` lines of a page's code blocks (continuation lines joined), as argv."""
+    import shlex
+
+    joined = re.sub(r"\\\n\s*", " ", text)
+    return [shlex.split(line.split("#")[0])[1:] for line in joined.splitlines()
+            if line.strip().startswith(f".venv/bin/kcd {command} ")]  # fmt: skip
+
+
+def test_the_readme_cli_examples_reuse_the_smoke_books_runs():
+    """After `make book`, the README's first examples print a record at once (they trained 30 epochs from scratch):
+    each is a run the smoke book trains, but the one it says is new (UNIX at k=48)."""
+    from kcdlib.plan import with_teachers
+
+    readme = (book.REPO / "README.md").read_text()
+    section = readme[readme.index("## The command line") : readme.index("### The run store")]
+    smoke = {c.options_hash for c in with_teachers(artefacts.all_runs("smoke"))}
+    argvs = documented_commands(section, "teacher") + documented_commands(section, "distill")
+    assert len(argvs) == 4
+    reused = {" ".join(a): cli.config_from_args(cli.build_parser().parse_args(a)).options_hash in smoke for a in argvs}
+    assert [cmd for cmd, ok in reused.items() if not ok] == [cmd for cmd in reused if "--unix-k 48" in cmd], reused
+    built = len(with_teachers(artefacts.all_runs("smoke")))
+    assert f"({built} runs: the {len(artefacts.all_runs('smoke'))} the notebooks ask" in readme
+
+
+def test_the_documented_notebook_commands_pass_their_checks(tmp_path):
+    """Every `kcd notebook` line of the README and the book's pages: its names are the notebook's parameters and
+    its values pass the session's checks (the reproduce page's `-p seeds '[0, 1, 2]'` failed there)."""
+    pages = [book.REPO / "README.md", *sorted((book.REPO / "book").glob("*.md"))]
+    argvs = [a for page in pages for a in documented_commands(page.read_text(), "notebook")]
+    assert len(argvs) >= 2
+    for argv in argvs:
+        args = cli.build_parser().parse_args(argv)
+        parameters = cli.notebook_parameters(args)
+        book.check_parameters(args.name, book.read_notebook(book.REPO / "notebooks" / f"{args.name}.md"), parameters)
+        knobs = {k: v for k, v in parameters.items() if k in ("seeds", "epochs", "temperature", "rho", "alpha")}
+        artefacts.setup(parameters.get("profile", "smoke"), str(tmp_path), **knobs)
+    inline = re.findall(r"-p (\w+) '\[", "".join(p.read_text() for p in pages))
+    assert not inline, f"a list passed with -p (a string to papermill): {inline}"
