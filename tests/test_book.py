@@ -241,6 +241,30 @@ def test_the_runner_streams_which_notebook_and_run(tiny_book):
     for i, name in enumerate(book.notebooks(), 1):
         mine = [line for line in lines if line.startswith(f"[{i}/{len(book.notebooks())}] {name}: ")]
         assert any(line.endswith("runs ready") for line in mine), (name, mine)
+    # Every epoch's line is printed, the last one too (a rewritten file lost it), under the run's own label.
+    trained: dict[str, list[tuple[int, int]]] = {}
+    for line in lines:
+        if m := re.match(r"(.*), epoch (\d+)/(\d+)$", line):
+            trained.setdefault(m[1], []).append((int(m[2]), int(m[3])))
+    assert trained, "the tiny book trains its students: their epochs are printed"
+    for label, seen in trained.items():
+        assert [e for e, _ in seen] == list(range(1, seen[-1][1] + 1)), (label, seen)
+
+
+def test_a_table_shows_what_the_profile_ran_with_the_papers_table_a_click_away(tiny_book):
+    """Table 1 at 1280 px: the caption above the table's scroll box, only the pairs and rows the profile ran, the
+    paper's whole table in a <details> under it; the parameters cell folded."""
+    out, html, _ = tiny_book
+    nb = out / "book" / "artefacts" / "table1.ipynb"
+    h = next(o["data"]["text/html"] for o in outputs(nb) if "kcd-caption" in o.get("data", {}).get("text/html", ""))
+    shown, _, full = h.partition("<details>")
+    caption_end = shown.index("</p>")
+    assert shown.index('<p class="kcd-caption">') < caption_end < shown.index("<table") and "<caption" not in h
+    assert "resnet56/resnet20" not in shown[caption_end:] and "resnet56/resnet20" in full  # a pair tiny does not run
+    assert common.NOT_RUN not in shown[caption_end:] and common.NOT_RUN in full
+    cells = nbformat.read(nb, as_version=4).cells
+    assert any("parameters" in c.metadata.get("tags", []) and "hide-cell" in c.metadata["tags"] for c in cells)
+    assert "<details>" in (html / "book" / "artefacts" / "table1.html").read_text()
 
 
 def test_the_table_of_contents_is_the_registry(tiny_book):
