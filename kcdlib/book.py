@@ -6,9 +6,11 @@ of :mod:`kcdlib.artefacts`; each is converted to a notebook (jupytext's Python A
 The notebooks train nothing that is already in the run store, so a rebuild after a finished build only re-executes
 the (cheap) notebooks and re-renders. The book builds offline (MathJax served locally) with warnings as errors.
 
-While a notebook runs, its session writes one line to a progress file (the run it is training and the epoch);
-the runner prints each new line. A file rather than papermill's ``log_output``: that would stream every output of
-every cell (tqdm bars included) interleaved across ``--jobs``, where one line per notebook is what a reader needs.
+While a notebook runs, its session appends a line to a progress file for each run and epoch it trains; the runner
+prints each new line, prefixed with the notebook. A file rather than papermill's ``log_output``: that would stream
+every output of every cell (tqdm bars included) interleaved across ``--jobs``, where one line per event is what a
+reader needs. ``kcd notebook`` runs one notebook the same way, its parameters checked against its ``parameters``
+cell first.
 """
 
 from __future__ import annotations
