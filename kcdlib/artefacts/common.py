@@ -208,7 +208,7 @@ class Table:
 
     def _repr_html_(self) -> str:
         # The caption is a paragraph above the table's own scroll box: it wraps at the page's width, never clipped.
-        html = f'<p class="kcd-caption">{escape(self.caption)}</p>{_scroll(self.styled().to_html())}'
+        html = f'<p class="kcd-caption">{escape(self.caption, quote=False)}</p>{_scroll(self.styled().to_html())}'
         if self.full is not None:
             html += (f"<details><summary>The paper's whole table: every row and pair it prints, '{NOT_RUN}' where "
                      f"this profile did not run the cell</summary>{_scroll(self.styled(self.full).to_html())}"
