@@ -89,10 +89,10 @@ def build(session: Session, images_per_row: int = 10) -> Figure:
             ax.bar([i + (j - 0.5) * width for i in range(len(teachers))], vals, width, label=f"y = {label}")
         ax.set_xticks(range(len(teachers)), teachers, fontsize=11, rotation=20 if len(teachers) > 2 else 0)
         ax.tick_params(axis="y", labelsize=11)
-        ax.set_ylabel("mean entropy of the teacher's soft labels", fontsize=11)
         ax.set_title(f"T = {temp:g}", fontsize=12)
         ax.set_ylim(0, ax.get_ylim()[1] * 1.25)  # room above the bars for the legend
         ax.legend(loc="upper center", ncols=2, fontsize=11, frameon=False)
+    axs[0].set_ylabel("mean entropy of the teacher's soft labels", fontsize=11)  # one label: the panels share it
     bottom.suptitle("(b) teacher soft-label entropy over kept (y = 1) and dropped (y = 0) points", fontsize=12)
     plt.close(fig)
     mapping = "; ".join(f"{k} → {v}" if k != v else k for k, v in p.figure5_teachers.items())
