@@ -1,11 +1,12 @@
 # make test : create .venv when missing, install kcdlib with its dev tools, lint, run the suite.
 # make book : set-up, run every notebook on the smoke profile, render the HTML into _build/html.
+# make lab  : set-up with JupyterLab and jupytext, open notebooks/ in JupyterLab (its .md files as notebooks).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint book clean setup
+.PHONY: test lint book lab clean setup
 
 setup: $(STAMP)
 
@@ -24,6 +25,12 @@ test: lint
 
 book: $(STAMP)
 	$(BIN)/kcd book --profile smoke
+
+# JupyterLab reads the project's settings (.jupyter/labconfig: jupytext's notebook is the default viewer of .md
+# files) from JUPYTER_CONFIG_PATH; without them it opens the text notebooks as plain text.
+lab: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[course]'
+	JUPYTER_CONFIG_PATH=$(CURDIR)/.jupyter $(BIN)/jupyter lab notebooks
 
 clean:
 	rm -rf _build runs-smoke book/artefacts .pytest_cache

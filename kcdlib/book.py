@@ -6,13 +6,18 @@ of :mod:`kcdlib.artefacts`; each is converted to a notebook (jupytext's Python A
 The notebooks train nothing that is already in the run store, so a rebuild after a finished build only re-executes
 the (cheap) notebooks and re-renders. The book builds offline (MathJax served locally) with warnings as errors.
 
-While a notebook runs, its session writes one line to a progress file (the run it is training and the epoch);
-the runner prints each new line. A file rather than papermill's ``log_output``: that would stream every output of
-every cell (tqdm bars included) interleaved across ``--jobs``, where one line per notebook is what a reader needs.
+While a notebook runs, its session appends a line to a progress file for each run and epoch it trains; the runner
+prints each new line, prefixed with the notebook. A file rather than papermill's ``log_output``: that would stream
+every output of every cell (tqdm bars included) interleaved across ``--jobs``, where one line per event is what a
+reader needs. ``kcd notebook`` runs one notebook the same way, its parameters checked against its ``parameters``
+cell first.
 """
 
 from __future__ import annotations
 
+import ast
+import difflib
+import re
 import shutil
 import subprocess
 import sys
@@ -38,9 +43,12 @@ PARTS = (
     ("The paper, reproduced", ("book/reproduce",), "paper", ("book/findings",)),
     ("Contributing", ("book/contributing",), None, ()),
 )
-# Cells of papermill's making that the rendered book does not show (the injected parameters hold this machine's
-# absolute paths).
-HIDDEN_TAGS = {"injected-parameters": "remove-cell"}
+# The kernels' own log (a warning at every start that the loopback TCP transport is not encrypted: messages are
+# signed with the session's key, and ipc sockets would be files in the notebooks' folder) stays out of the output.
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
+# Cells the rendered book does not show: papermill's injected parameters (they hold this machine's absolute paths);
+# and folds: the parameters cell (25 lines before the artefact; a click shows them).
+HIDDEN_TAGS = {"injected-parameters": "remove-cell", "parameters": "hide-cell"}
 
 
 def notebooks() -> tuple[str, ...]:
@@ -60,7 +68,29 @@ def toc(names: tuple[str, ...] | None = None) -> str:
 
 
 class NotebookFailed(KcdError):
-    """A notebook raised an error: names the notebook and the cell."""
+    """A notebook raised an error: names the notebook, the cell and the file with the full traceback."""
+
+
+def declared_parameters(nb) -> list[str]:
+    """The names the notebook's cell tagged ``parameters`` assigns (papermill's parameters)."""
+    names = []
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+            for node in ast.parse(cell.source).body:
+                targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+                names += [t.id for t in targets if isinstance(t, ast.Name)]
+    return names
+
+
+def check_parameters(name: str, nb, parameters: dict) -> None:
+    """Refuse a parameter the notebook does not declare (papermill would inject it, unused, and run the defaults):
+    name it and the closest declared one."""
+    declared = declared_parameters(nb)
+    for given in parameters:
+        if given not in declared:
+            close = difflib.get_close_matches(given, declared, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"its parameters: {', '.join(declared)}"
+            raise BadOption(f"notebook '{name}' has no parameter '{given}' ({hint})")
 
 
 def read_notebook(source: Path):
@@ -76,23 +106,32 @@ def read_notebook(source: Path):
 def execute_notebook(
     source: Path, target: Path, parameters: dict, kernel: str = "python3", log_output: bool = False
 ) -> None:
-    """Run ``source`` (``.md`` or ``.ipynb``) with papermill into ``target``, in ``source``'s folder; a failing
-    cell raises :class:`NotebookFailed`. The executed copy hides papermill's injected-parameters cell."""
+    """Run ``source`` (``.md`` or ``.ipynb``) with papermill into ``target``, in ``source``'s folder. A parameter
+    the notebook does not declare is refused before any kernel starts; a failing cell raises
+    :class:`NotebookFailed`, one line (the error of a refused option or run as it is), the full traceback kept in
+    ``target`` with ``.log``. The executed copy hides papermill's injected-parameters cell."""
     import nbformat
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    target.parent.mkdir(parents=True, exist_ok=True)
+    nb = read_notebook(source)
+    check_parameters(source.stem, nb, parameters)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BadOption(f"cannot write the executed notebook to '{target.parent}': {err.strerror}") from None
     try:
         papermill.execute_notebook(
-            read_notebook(source), str(target), parameters=parameters, kernel_name=kernel, progress_bar=False,
-            log_output=log_output, cwd=str(source.parent),
+            nb, str(target), parameters=parameters, kernel_name=kernel, progress_bar=False, log_output=log_output,
+            cwd=str(source.parent), extra_arguments=KERNEL_ARGUMENTS,
         )  # fmt: skip
     except PapermillExecutionError as err:
-        # papermill counts the injected-parameters cell; report the cell of the source notebook too.
+        log = target.with_suffix(".log")
+        log.write_text(re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(err.traceback)) + "\n")
+        # papermill counts the injected-parameters cell; the error of one of ours is its message, as the CLI's.
+        what = err.evalue.rstrip(".") if err.ename in _kcd_error_names() else f"{err.ename}: {err.evalue.rstrip('.')}"
         raise NotebookFailed(
-            f"notebook '{source.name}' failed in cell {err.cell_index} (execution count {err.exec_count}): "
-            f"{err.ename}: {err.evalue}. The executed copy with the full traceback is {target}."
+            f"notebook '{source.stem}' (cell {err.exec_count}): {what}. Full traceback: {log}"
         ) from None
     nb = nbformat.read(target, as_version=4)
     for cell in nb.cells:
@@ -103,13 +142,24 @@ def execute_notebook(
     nbformat.write(nb, target)
 
 
+def _kcd_error_names() -> set[str]:
+    """The names of the errors a user can cause (:class:`~kcdlib.errors.KcdError` and its subclasses)."""
+    found, todo = set(), [KcdError]
+    while todo:
+        cls = todo.pop()
+        found.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return found
+
+
 class Progress:
-    """Prints each new line of the notebooks' progress files (``[i/n] name: run 3/17: ..., epoch 5/12``)."""
+    """Prints each line the notebooks append to their progress files (``[i/n] name: run 3/17: ..., epoch 5/12``),
+    every line once, in order."""
 
     def __init__(self, folder: Path, echo, every: float = 1.0):
         self.folder, self.echo, self.every = folder, echo, every
         self.active: dict[str, str] = {}  # name -> "[i/n] name"
-        self.shown: dict[str, str] = {}
+        self.read: dict[str, int] = {}  # name -> bytes of its file already printed
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
@@ -129,14 +179,18 @@ class Progress:
     def poll(self) -> None:
         with self.lock:
             active = dict(self.active)
-        for name, prefix in active.items():
-            try:
-                line = self.file(name).read_text().strip()
-            except OSError:
-                continue
-            if line and self.shown.get(name) != line:
-                self.shown[name] = line
-                self.echo(f"{prefix}: {line}")
+            for name, prefix in active.items():
+                try:
+                    with open(self.file(name), "rb") as f:
+                        f.seek(self.read.get(name, 0))
+                        chunk = f.read()
+                except OSError:
+                    continue
+                complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written waits for the next look
+                self.read[name] = self.read.get(name, 0) + len(complete)
+                for line in complete.decode().splitlines():
+                    if line.strip():
+                        self.echo(f"{prefix}: {line.strip()}")
 
     def _watch(self) -> None:
         while not self.stop.wait(self.every):
@@ -199,16 +253,25 @@ def build_book(
     out = Path(out or REPO).resolve()
     notebooks_dir = Path(notebooks_dir or REPO / "notebooks")
     runs_dir = Path(runs_dir or REPO / "runs").resolve()
-    if out != REPO:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in BOOK_SOURCES:
-            src = REPO / name
-            if src.is_dir():
-                shutil.copytree(src, out / name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("artefacts"))
-            else:
-                shutil.copy2(src, out / name)
-    (out / "_toc.yml").write_text(toc(names))
-    write_provenance(out, runs_dir, from_records)
+    if not from_records:  # rendering from records needs no data
+        check_data(p, names, data_root)
+    if out.exists() and not out.is_dir():
+        raise BadOption(f"--out '{out}' is a file, not a folder: choose another")
+    try:
+        if out != REPO:
+            out.mkdir(parents=True, exist_ok=True)
+            for name in BOOK_SOURCES:
+                src = REPO / name
+                if src.is_dir():
+                    shutil.copytree(src, out / name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("artefacts"))
+                else:
+                    shutil.copy2(src, out / name)
+        (out / "_toc.yml").write_text(toc(names))
+        (out / "book" / "artefacts").mkdir(parents=True, exist_ok=True)
+        write_provenance(out, runs_dir, from_records)
+    except OSError as err:
+        where = f" ('{err.filename}')" if err.filename and Path(err.filename) != out else ""
+        raise BadOption(f"cannot build the book in '{out}'{where}: {err.strerror} (choose another --out)") from None
     book_artefacts = out / "book" / "artefacts"
     parameters = {
         "profile": p.name,
@@ -264,6 +327,35 @@ def build_book(
     if not html:
         return book_artefacts
     return build_html(out, echo)
+
+
+def check_data(p, names: tuple[str, ...], data_root: str) -> None:
+    """Every dataset the notebooks ``names`` read is under ``data_root``: a missing one is a one-line
+    :class:`~kcdlib.errors.DatasetMissing` before any kernel starts, not a notebook's error minutes later. Its
+    fingerprint is what the run store computes first anyway (and caches beside the data)."""
+    from .data import fingerprint
+
+    runs = artefacts.notebook_runs(p)
+    for dataset in sorted({c.dataset for name in names for c in runs[name]}):
+        fingerprint(dataset, data_root)
+
+
+def run_notebook(name: str, parameters: dict, target: str | Path, echo=print) -> Path:
+    """``kcd notebook``: execute the book's notebook ``name`` with ``parameters`` (checked against its
+    ``parameters`` cell) into ``target``, printing the run and epoch in progress as ``kcd book`` does."""
+    if name not in notebooks():
+        close = difflib.get_close_matches(name, notebooks(), n=1)
+        raise BadOption(f"no notebook '{name}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+                        + f": one of {', '.join(notebooks())}")  # fmt: skip
+    target = Path(target).resolve()
+    with tempfile.TemporaryDirectory(prefix="kcd-progress-") as folder, Progress(Path(folder), echo) as progress:
+        progress.start(name, name)
+        try:
+            execute_notebook(REPO / "notebooks" / f"{name}.md", target,
+                             {**parameters, "progress_file": str(progress.file(name))})  # fmt: skip
+        finally:
+            progress.done(name)
+    return target
 
 
 def build_html(root: Path, echo=print) -> Path:

@@ -198,7 +198,42 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data-root", default="data", help="folder holding cifar-100-python/ or imagenet train/ val/")
     v.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     archive.add_parsers(runs_sub)
+
+    n = sub.add_parser("notebook", help="execute one notebook of the book with new parameters (papermill), e.g. "
+                       "kcd notebook table5 -p temperature 2 -y 'seeds: [0, 1, 2]'")  # fmt: skip
+    n.add_argument("name", help="the notebook: table1 ... table7, figure5, kcd_in_five_minutes")
+    n.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="a parameter of its parameters cell (a number, True/False/None or text)")  # fmt: skip
+    n.add_argument("-y", "--yaml", action="append", default=[], help="parameters as YAML, for lists: 'seeds: [0, 1]'")
+    n.add_argument("--out", help="the executed notebook (default: NAME.ipynb here)")
     return parser
+
+
+def notebook_value(text: str):
+    """A ``-p`` value as papermill reads it: True/False/None, a whole number, a number, else the text."""
+    if text in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[text]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def notebook_parameters(args) -> dict:
+    import yaml
+
+    parameters = {name: notebook_value(value) for name, value in args.parameter}
+    for text in args.yaml:
+        try:
+            given = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise BadOption(f"-y '{text}' is not YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(given, dict):
+            raise BadOption(f"-y '{text}' must be 'name: value' (e.g. -y 'seeds: [0, 1, 2]')")
+        parameters.update(given)
+    return parameters
 
 
 def guess_arch(path: str) -> str:
@@ -299,10 +334,30 @@ def launch(argv: list[str], nproc: int) -> int:
     if distributed.launched_by_torchrun():
         print("kcd: error: --nproc launches torchrun, and this process already runs under it", file=sys.stderr)
         return EXIT_USAGE
+    proc = subprocess.Popen(distributed.torchrun_command(nproc, without_nproc(argv)),
+                            preexec_fn=die_with(os.getpid()))  # fmt: skip
     try:
-        return subprocess.run(distributed.torchrun_command(nproc, without_nproc(argv))).returncode
-    except KeyboardInterrupt:
+        return proc.wait()
+    except KeyboardInterrupt:  # torchrun got the same Ctrl-C (one process group): it stops its workers
+        proc.wait()
         return EXIT_INTERRUPTED
+
+
+def die_with(parent: int):
+    """A ``preexec_fn``: the child gets SIGTERM when ``parent`` dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG),
+    so a killed ``kcd --nproc`` leaves no torchrun training (torchrun stops its workers on SIGTERM)."""
+    import ctypes
+    import signal
+
+    def preexec() -> None:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        except AttributeError:  # no prctl (not Linux): the launcher's own signals still reach torchrun
+            return
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os._exit(1)
+
+    return preexec
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,6 +406,11 @@ def run(args: argparse.Namespace) -> int:
             if out is not None:
                 print(out)
             return 0
+        if args.command == "notebook":
+            from .book import run_notebook
+
+            print(run_notebook(args.name, notebook_parameters(args), args.out or f"{args.name}.ipynb"))
+            return 0
         cfg = config_from_args(args)
         # Under torchrun: this process's part of the run, on cuda:LOCAL_RANK (NCCL) or the CPU (gloo).
         group = distributed.from_env(args.device)
@@ -359,7 +419,10 @@ def run(args: argparse.Namespace) -> int:
         rec = store.ensure(cfg, progress=not args.no_progress, log=lambda line: print(f"kcd: {line}", file=sys.stderr))
         if store.writer:
             print(summary_line(cfg, rec))
-            print(store.path(cfg) / "record.json")
+            record = store.path(cfg) / "record.json"
+            if not record.exists() and store.stale == "keep":  # --keep-stale reused an older folder's record
+                record = store.stale_records(cfg)[-1][0] / "record.json"
+            print(record)
         return 0
     except VerificationFailed as err:
         print(f"kcd: {err}", file=sys.stderr)

@@ -32,11 +32,11 @@ import torch
 
 from . import artefacts, condense, cost, models
 from . import data as datasets
+from .artefacts.common import non_default_options
 from .data import DeviceDataset
-from .distillers import DISTILLERS, DistillContext
+from .distillers import DistillContext
 from .distillers import build as build_distiller
 from .errors import DatasetInvalid, DatasetMissing
-from .methods import METHODS
 from .profiles import Profile, get_profile
 from .recipe import Recipe
 from .runs import RunConfig, RunStore
@@ -78,6 +78,8 @@ H200_NOTES = (
 )
 
 SHORT = {"kcd_in_five_minutes": "5min", "figure5": "F5", **{f"table{i}": f"T{i}" for i in range(1, 8)}}
+# A teacher (or Table 1's student row) is trained with cross-entropy alone: no method, no distiller.
+TRAINED_ALONE = "–"
 
 
 # -- concurrency ---------------------------------------------------------------------------------------------
@@ -260,22 +262,6 @@ def notebook_phases(p: Profile, to_train: set[str], seconds: dict[str, float]) -
         done |= {c.options_hash for c in rest}
         groups.append([[seconds[c.options_hash] for c in teachers], [seconds[c.options_hash] for c in rest]])
     return groups
-
-
-def non_default_options(cfg: RunConfig) -> str:
-    """The run's method and distiller options that differ from their defaults (KCD's stage length: ``epochs/6``)."""
-    parts = []
-    for name, value in cfg.method_options:
-        spec = METHODS[cfg.method].option_specs[name]
-        default = cfg.recipe.epochs // 6 if name == "stage_epochs" and cfg.recipe.epochs % 6 == 0 else spec.default
-        if value != default:
-            parts.append(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}")
-    for name, value in cfg.distiller_options:
-        if value != DISTILLERS[cfg.distiller].option_specs[name].default:
-            parts.append(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}")
-    if cfg.teacher_sha256 is not None:
-        parts.append("published teacher")
-    return " ".join(parts)
 
 
 def store_status(store: RunStore, cfg: RunConfig) -> tuple[str, str | None]:
@@ -493,9 +479,11 @@ def _plan(p, store, devices, jobs_per_device, epochs, stage_epochs, teacher_epoc
         if why:
             unknown.setdefault(cfg.dataset, why)
         pair = cfg.arch if cfg.kind == "teacher" else f"{cfg.teacher_arch} → {cfg.arch}"
+        alone = cfg.kind == "teacher"
         rows.append({
-            "#": i, "status": status, "kind": cfg.kind, "pair": pair, "dataset": cfg.dataset, "method": cfg.method,
-            "distiller": cfg.distiller, "options": non_default_options(cfg), "seed": cfg.seed,
+            "#": i, "status": status, "kind": cfg.kind, "pair": pair, "dataset": cfg.dataset,
+            "method": TRAINED_ALONE if alone else cfg.method, "distiller": TRAINED_ALONE if alone else cfg.distiller,
+            "options": non_default_options(cfg), "seed": cfg.seed,
             "epochs": cfg.recipe.epochs, "points %": 100 * train_fraction(cfg),
             "for": " ".join(needed_by.get(cfg.options_hash, [])),
             "est_s": run_seconds(cfg, timings[keys[cfg.options_hash]]), "h200_s": h200_run_seconds(cfg),
@@ -594,7 +582,10 @@ def format_plan(frame: pd.DataFrame, max_rows: int | None = None) -> str:
         f"H200, extrapolated from benchmarks/README.md (not measured): {human(a['h200_to_train_s'])} of device time "
         f"to train (all: {human(a['h200_all_s'])}); wall on one H200 {'; '.join(h200)}"
     )
-    notes = [ESTIMATE_NOTES, H200_NOTES]
+    tags = ", ".join(f"{tag} {name}" for name, tag in SHORT.items())
+    notes = [f"kind 'teacher': trained with cross-entropy alone (a teacher, or Table 1's student row), so no method "
+             f"or distiller ('{TRAINED_ALONE}'). 'for': the notebooks that need the run ({tags}).",
+             ESTIMATE_NOTES, H200_NOTES]  # fmt: skip
     if a["device_type"] != "cuda":
         notes.append(
             f"Timed on {CPU_TIMING_THREADS} CPU thread, in CPU time (what other processes on the machine take does "

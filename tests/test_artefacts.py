@@ -8,7 +8,7 @@ import jupytext
 import pytest
 
 from kcdlib import artefacts, book, distillers, plan
-from kcdlib.artefacts import common, session, table1, table4
+from kcdlib.artefacts import common, session, table1, table4, table5
 from kcdlib.profiles import get_profile
 from kcdlib.runs import RunStore
 
@@ -120,8 +120,9 @@ def test_a_new_distiller_gets_its_table1_rows_from_the_registry(monkeypatch):
 
 
 def test_the_session_reports_the_run_and_epoch_in_progress(tmp_path):
-    """What `kcd book` prints while a notebook trains comes from the session's progress file."""
-    seen = []
+    """What `kcd book` prints while a notebook trains comes from the session's progress file: a teacher the
+    student needs is trained under its own label (not the student's), every epoch's line is kept, the last one
+    included, and the runner prints each line once."""
 
     class Store:
         on_epoch = None
@@ -131,15 +132,51 @@ def test_the_session_reports_the_run_and_epoch_in_progress(tmp_path):
             return None
 
         def ensure(self, cfg, progress=False):
-            for epoch in (1, 2):
-                self.on_epoch(epoch, 2)
-                seen.append(progress_file.read_text().strip())
-            return {}
+            for epoch in range(1, cfg.recipe.epochs + 1):
+                self.on_epoch(epoch, cfg.recipe.epochs)
+            return {"arch": cfg.arch}
 
     progress_file = tmp_path / "progress.txt"
     p = get_profile("tiny")
     cfg = common.distill(p, p.table2_pair)
     s = session.Session(p, Store(), ["cpu"], progress_file=progress_file)
-    s.ensure([cfg], progress=False)
-    assert seen == [f"run 1/1: resnet8 from resnet20, kd/kd, seed 0, epoch {e}/2" for e in (1, 2)]
-    assert progress_file.read_text().strip() == "1 runs ready"
+    assert s.ensure([cfg], progress=False) == [{"arch": "resnet8"}]  # the records of the runs asked for only
+    teacher = f"run 1/2: resnet20 trained alone ({p.teacher_epochs} epochs), seed 0"
+    student = "run 2/2: resnet8 from resnet20, kd/kd, seed 0"
+    assert progress_file.read_text().splitlines() == [
+        teacher, *(f"{teacher}, epoch {e}/{p.teacher_epochs}" for e in range(1, p.teacher_epochs + 1)),
+        student, *(f"{student}, epoch {e}/{p.epochs}" for e in range(1, p.epochs + 1)),
+        "2 runs ready",
+    ]  # fmt: skip
+    printed = []
+    progress = book.Progress(tmp_path, printed.append)
+    progress.start("progress", "[1/1] x")
+    progress.poll()
+    with open(progress_file, "a") as f:
+        f.write("one more\nhalf a li")
+    progress.done("progress")
+    assert printed == [f"[1/1] x: {line}" for line in progress_file.read_text().splitlines()[:-1]]
+
+
+def test_a_run_is_described_by_its_own_options():
+    """Table 4's runs differ in their KCD options: the progress line names them, so no two read the same."""
+    p = get_profile("tiny")
+    runs = table4.ARTEFACT.runs(p)
+    labels = [session.describe(c) for c in runs]
+    assert len(set(labels)) == len(runs), labels
+
+
+def test_captions_name_the_settings_the_runs_used(tmp_path):
+    """After the README's `-p temperature 2 -p epochs 4`, Table 5's caption says T=2 and 4 epochs first (it said
+    "other settings as in the paper" and the profile's 12 epochs); with the paper's settings it names none."""
+    s = session.setup("smoke", str(tmp_path), temperature=2, epochs=4)
+    runs = table5.ARTEFACT.runs(s.profile)
+    assert {dict(c.distiller_options)["temperature"] for c in runs} == {2}
+    text = common.caption("Table 5", s.profile, s.profile.grid_pairs, runs=runs, varied=("alpha",))
+    assert text.startswith("Table 5. This build: 4 epochs, KCD stages of 2; not the paper's settings: T=2. ")
+    assert "as in the paper" not in text and "with its schedule changed by the parameters" in text
+    plain = session.setup("smoke", str(tmp_path))
+    text = common.caption("Table 5", plain.profile, plain.profile.grid_pairs, runs=table5.ARTEFACT.runs(plain.profile),
+                          varied=("alpha",))  # fmt: skip
+    assert "not the paper's" not in text and text.startswith("Table 5. This build: 12 epochs, KCD stages of 2. ")
+    assert "Profile 'smoke' (digits on the CPU" in text

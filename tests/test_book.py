@@ -78,6 +78,7 @@ def test_book_html_is_built_offline(tiny_book):
 
 
 def test_failing_notebook_names_notebook_and_cell(tmp_path):
+    """One line: the notebook, its cell, the error, and the file that keeps the full traceback."""
     nb = book.read_notebook(book.REPO / "notebooks" / "table3.md")
     nb.cells.insert(2, nbformat.v4.new_code_cell('raise RuntimeError("deliberately broken")'))
     broken = tmp_path / "broken_table.md"
@@ -85,7 +86,53 @@ def test_failing_notebook_names_notebook_and_cell(tmp_path):
     with pytest.raises(book.NotebookFailed) as err:
         book.execute_notebook(broken, tmp_path / "out" / "broken_table.ipynb", {"profile": "tiny"})
     message = str(err.value)
-    assert "broken_table.md" in message and "cell" in message and "deliberately broken" in message
+    assert "'broken_table' (cell " in message and "RuntimeError: deliberately broken" in message
+    log = tmp_path / "out" / "broken_table.log"
+    assert f"Full traceback: {log}" in message and "\n" not in message
+    assert "Traceback" in log.read_text() or "deliberately broken" in log.read_text()
+
+
+def test_a_notebook_parameter_is_checked_before_any_kernel(tmp_path, capsys):
+    """A typo is refused with the closest parameter (papermill would inject it unused and run the defaults)."""
+    code = cli.main(["notebook", "table5", "-p", "temprature", "2", "--out", str(tmp_path / "t5.ipynb")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == (
+        "kcd: error: notebook 'table5' has no parameter 'temprature' (did you mean 'temperature'?)"
+    )
+    assert not (tmp_path / "t5.ipynb").exists()
+    assert cli.main(["notebook", "tabel5"]) == 2 and "did you mean 'table5'?" in capsys.readouterr().err
+
+
+def test_a_refused_parameter_inside_a_notebook_is_one_line(tmp_path, capfd):
+    """The session refuses the schedule in the notebook's kernel: kcd prints its message, not papermill's traceback;
+    the kernel's own start-up warning (its stderr is this process's) is not printed either."""
+    out = tmp_path / "t5.ipynb"
+    code = cli.main(["notebook", "table5", "-p", "profile", "tiny", "-p", "runs_dir", str(tmp_path / "runs"),
+                     "-p", "epochs", "5", "-p", "stage_epochs", "2", "--out", str(out)])  # fmt: skip
+    err = capfd.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("kcd: error: notebook 'table5' (cell ") and "BadOption" not in err
+    assert "parameter epochs (5) must be a multiple of stage_epochs (2)" in err and "condensing. Full" in err
+    assert f"Full traceback: {out.with_suffix('.log')}" in err and "BadOption" in out.with_suffix(".log").read_text()
+    assert "Traceback" not in err and "IPKernelApp" not in err
+
+
+@pytest.mark.parametrize("where", ["file", "under_a_file"])
+def test_kcd_book_out_that_cannot_be_written_is_one_line(tmp_path, capsys, where):
+    (tmp_path / "f").write_text("")
+    out = tmp_path / "f" if where == "file" else tmp_path / "f" / "book"
+    code = cli.main(["book", "--profile", "tiny", "--out", str(out), "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(tmp_path / "f") in err, err
+
+
+def test_kcd_book_checks_the_data_before_any_kernel(tmp_path, capsys):
+    """The course profile's CIFAR-100 missing: one line at once, nothing written (it was a notebook's error)."""
+    code = cli.main(["book", "--profile", "course", "--device", "cpu", "--data-root", str(tmp_path / "nodata"),
+                     "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "CIFAR-100 was not found" in err
+    assert ".." not in err and not (tmp_path / "out").exists()
 
 
 def test_profiles_and_reference_data():
@@ -195,6 +242,30 @@ def test_the_runner_streams_which_notebook_and_run(tiny_book):
     for i, name in enumerate(book.notebooks(), 1):
         mine = [line for line in lines if line.startswith(f"[{i}/{len(book.notebooks())}] {name}: ")]
         assert any(line.endswith("runs ready") for line in mine), (name, mine)
+    # Every epoch's line is printed, the last one too (a rewritten file lost it), under the run's own label.
+    trained: dict[str, list[tuple[int, int]]] = {}
+    for line in lines:
+        if m := re.match(r"(.*), epoch (\d+)/(\d+)$", line):
+            trained.setdefault(m[1], []).append((int(m[2]), int(m[3])))
+    assert trained, "the tiny book trains its students: their epochs are printed"
+    for label, seen in trained.items():
+        assert [e for e, _ in seen] == list(range(1, seen[-1][1] + 1)), (label, seen)
+
+
+def test_a_table_shows_what_the_profile_ran_with_the_papers_table_a_click_away(tiny_book):
+    """Table 1 at 1280 px: the caption above the table's scroll box, only the pairs and rows the profile ran, the
+    paper's whole table in a <details> under it; the parameters cell folded."""
+    out, html, _ = tiny_book
+    nb = out / "book" / "artefacts" / "table1.ipynb"
+    h = next(o["data"]["text/html"] for o in outputs(nb) if "kcd-caption" in o.get("data", {}).get("text/html", ""))
+    shown, _, full = h.partition("<details>")
+    caption_end = shown.index("</p>")
+    assert shown.index('<p class="kcd-caption">') < caption_end < shown.index("<table") and "<caption" not in h
+    assert "resnet56/resnet20" not in shown[caption_end:] and "resnet56/resnet20" in full  # a pair tiny does not run
+    assert common.NOT_RUN not in shown[caption_end:] and common.NOT_RUN in full
+    cells = nbformat.read(nb, as_version=4).cells
+    assert any("parameters" in c.metadata.get("tags", []) and "hide-cell" in c.metadata["tags"] for c in cells)
+    assert "<details>" in (html / "book" / "artefacts" / "table1.html").read_text()
 
 
 def test_the_table_of_contents_is_the_registry(tiny_book):
@@ -209,3 +280,56 @@ def test_kcd_book_checks_the_device_first(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "no CUDA device" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists() and not (tmp_path / "book").exists()
+
+
+def test_jupyterlab_opens_the_text_notebooks_as_notebooks(tmp_path, monkeypatch):
+    """`make lab` points JupyterLab at .jupyter/, whose settings make jupytext's notebook the default viewer of
+    the project's .md notebooks (JupyterLab alone opens them as plain text)."""
+    settings = pytest.importorskip("jupyterlab_server.settings_utils", reason="JupyterLab is the 'course' extra")
+    assert "JUPYTER_CONFIG_PATH=$(CURDIR)/.jupyter $(BIN)/jupyter lab" in (book.REPO / "Makefile").read_text()
+    monkeypatch.setenv("JUPYTER_CONFIG_PATH", str(book.REPO / ".jupyter"))
+    overrides, error = settings._get_overrides(str(tmp_path))  # how JupyterLab's server layers the settings
+    viewers = overrides["@jupyterlab/docmanager-extension:plugin"]["defaultViewers"]
+    assert not error and viewers["markdown"] == viewers["myst"] == "Jupytext Notebook"
+    assert ".ipynb_checkpoints/" in (book.REPO / ".gitignore").read_text().splitlines()
+
+
+def documented_commands(text: str, command: str) -> list[list[str]]:
+    """The `.venv/bin/kcd COMMAND ...` lines of a page's code blocks (continuation lines joined), as argv."""
+    import shlex
+
+    joined = re.sub(r"\\\n\s*", " ", text)
+    return [shlex.split(line.split("#")[0])[1:] for line in joined.splitlines()
+            if line.strip().startswith(f".venv/bin/kcd {command} ")]  # fmt: skip
+
+
+def test_the_readme_cli_examples_reuse_the_smoke_books_runs():
+    """After `make book`, the README's first examples print a record at once (they trained 30 epochs from scratch):
+    each is a run the smoke book trains, but the one it says is new (UNIX at k=48)."""
+    from kcdlib.plan import with_teachers
+
+    readme = (book.REPO / "README.md").read_text()
+    section = readme[readme.index("## The command line") : readme.index("### The run store")]
+    smoke = {c.options_hash for c in with_teachers(artefacts.all_runs("smoke"))}
+    argvs = documented_commands(section, "teacher") + documented_commands(section, "distill")
+    assert len(argvs) == 4
+    reused = {" ".join(a): cli.config_from_args(cli.build_parser().parse_args(a)).options_hash in smoke for a in argvs}
+    assert [cmd for cmd, ok in reused.items() if not ok] == [cmd for cmd in reused if "--unix-k 48" in cmd], reused
+    built = len(with_teachers(artefacts.all_runs("smoke")))
+    assert f"({built} runs: the {len(artefacts.all_runs('smoke'))} the notebooks ask" in readme
+
+
+def test_the_documented_notebook_commands_pass_their_checks(tmp_path):
+    """Every `kcd notebook` line of the README and the book's pages: its names are the notebook's parameters and
+    its values pass the session's checks (the reproduce page's `-p seeds '[0, 1, 2]'` failed there)."""
+    pages = [book.REPO / "README.md", *sorted((book.REPO / "book").glob("*.md"))]
+    argvs = [a for page in pages for a in documented_commands(page.read_text(), "notebook")]
+    assert len(argvs) >= 2
+    for argv in argvs:
+        args = cli.build_parser().parse_args(argv)
+        parameters = cli.notebook_parameters(args)
+        book.check_parameters(args.name, book.read_notebook(book.REPO / "notebooks" / f"{args.name}.md"), parameters)
+        knobs = {k: v for k, v in parameters.items() if k in ("seeds", "epochs", "temperature", "rho", "alpha")}
+        artefacts.setup(parameters.get("profile", "smoke"), str(tmp_path), **knobs)
+    inline = re.findall(r"-p (\w+) '\[", "".join(p.read_text() for p in pages))
+    assert not inline, f"a list passed with -p (a string to papermill): {inline}"

@@ -220,3 +220,63 @@ def test_a_reused_run_says_when_it_was_trained(tmp_path, capsys, store, digits_t
     assert first.returncode == again.returncode == 0
     folder = first.stdout.strip().splitlines()[-1].rsplit("/", 1)[0]
     assert f"kcd: reused {folder} (trained 20" in again.stderr
+
+
+def test_keep_stale_prints_the_record_it_reused(tmp_path, capsys, monkeypatch):
+    """The last line (and the notice) name the record.json reused, not the folder the new numerics would use."""
+    import kcdlib.runs
+
+    args = ["teacher", "--dataset", "digits", "--arch", "resnet8", "--epochs", "1", "--runs-dir", str(tmp_path),
+            "--device", "cpu", "--no-progress"]  # fmt: skip
+    old = run_main(capsys, *args).stdout.strip().splitlines()[-1]
+    assert old.endswith("record.json") and os.path.isfile(old)
+    monkeypatch.setattr(kcdlib.runs, "NUMERICS_VERSION", kcdlib.runs.NUMERICS_VERSION + 1)
+    proc = run_main(capsys, *args, "--keep-stale")
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == old
+    assert f"kcd: reused {old} (trained" in proc.stderr, proc.stderr
+
+
+def _processes_with(marker: str) -> list[int]:
+    """The processes whose command line contains ``marker``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the launched processes through /proc (Linux)")
+def test_killing_kcd_nproc_stops_torchrun_and_its_workers(tmp_path):
+    """A real SIGKILL of `kcd distill --nproc 2`: torchrun and both workers stop (they trained on, orphaned)."""
+    import signal
+    import sys
+    import time
+
+    from conftest import CHILD_ENV
+
+    runs = str(tmp_path / "runs-kill-nproc")  # in every launched process's command line
+    kcd = subprocess.Popen(
+        [sys.executable, "-m", "kcdlib", "distill", "--nproc", "2", "--dataset", "digits", "--teacher", "resnet8",
+         "--teacher-epochs", "50", "--student", "resnet8", "--runs-dir", runs, "--device", "cpu", "--no-progress"],
+        env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while len(_processes_with(runs)) < 4 and time.time() < deadline:  # kcd, torchrun, two workers
+            time.sleep(0.5)
+        assert len(_processes_with(runs)) >= 4, "the workers did not start"
+        time.sleep(2)
+        kcd.send_signal(signal.SIGKILL)
+        kcd.wait()
+        deadline = time.time() + 60
+        while _processes_with(runs) and time.time() < deadline:
+            time.sleep(0.5)
+        assert _processes_with(runs) == [], "torchrun or a worker survived the launcher"
+    finally:
+        for pid in _processes_with(runs):
+            os.kill(pid, signal.SIGKILL)

@@ -44,6 +44,10 @@ def test_tiny_plan_lists_the_book_runs_and_marks_the_stored_one(tiny_store):
     # The runs still to train exclude the stored one; all of them include it.
     assert frame.attrs["to_train_s"] == pytest.approx(frame.est_s[frame.status != "done"].sum())
     assert frame.attrs["all_s"] == pytest.approx(frame.est_s.sum())
+    # A run trained alone has no method and no distiller (it read "kd" and "ce"); the notebooks' tags are explained.
+    alone = frame[frame.kind == "teacher"]
+    assert len(alone) and set(alone.method) == set(alone.distiller) == {plan.TRAINED_ALONE}
+    assert "5min kcd_in_five_minutes" in text and "trained with cross-entropy alone" in text
 
 
 def test_cli_plan_times_steps_and_trains_nothing(tiny_store, capsys):

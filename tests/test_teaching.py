@@ -2,6 +2,7 @@
 schedule the runs trained, its mean ± sd comes from the records, and its hand-made E-step is the run's."""
 
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -106,3 +107,17 @@ def test_the_hand_made_e_step_is_the_runs_condensation(store, short_kcd):
     assert set(plan.kept.tolist()) == {i for i, y in enumerate(rec["value_labels"]) if y == "1"}
     curves = five_minutes.accuracy_vs_computation({"KCD": [rec]}, n, 2)
     assert math.isclose(curves.computation.iloc[-1], rec["computation"])
+
+
+def test_every_exercise_has_a_question_and_a_folded_worked_answer():
+    """A teacher's request: each exercise asks a question and answers it, folded, with this build's numbers
+    (glued in the notebook, so the answer is never a number typed in)."""
+    text = NOTEBOOK.read_text()
+    exercises = text[text.index("## Exercises") :]
+    parts = re.split(r"\n\*\*\d\. ", exercises)[1:]
+    assert len(parts) == 3
+    for part in parts:
+        assert "*Question.*" in part and ":::{admonition} Worked answer\n:class: dropdown\n" in part, part[:80]
+    glued = set(re.findall(r'glue\("(\w+)"', text))
+    used = set(re.findall(r"\{glue:text\}`(\w+)", exercises))
+    assert used and used <= glued, used - glued

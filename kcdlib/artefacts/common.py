@@ -12,6 +12,7 @@ import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from html import escape
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -60,6 +61,29 @@ class Artefact:
         p = get_profile(profile)
         seeds = self.default_seeds.get(p.name)
         return p if seeds is None else p.with_options(seeds=tuple(seeds))
+
+
+def changed_options(cfg: RunConfig) -> dict[str, Any]:
+    """The run's method and distiller options that differ from their defaults (KCD's stage length: ``epochs/6``)."""
+    changed = {}
+    for name, value in cfg.method_options:
+        spec = METHODS[cfg.method].option_specs[name]
+        default = cfg.recipe.epochs // 6 if name == "stage_epochs" and cfg.recipe.epochs % 6 == 0 else spec.default
+        if value != default:
+            changed[name] = value
+    for name, value in cfg.distiller_options:
+        if value != distillers.DISTILLERS[cfg.distiller].option_specs[name].default:
+            changed["kd_alpha" if name == "alpha" else name] = value  # KCD has an alpha too
+    return changed
+
+
+def non_default_options(cfg: RunConfig) -> str:
+    """:func:`changed_options` as ``rho=0.5 temperature=2`` (and a published teacher said)."""
+    parts = [f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
+             for name, value in changed_options(cfg).items()]  # fmt: skip
+    if cfg.teacher_sha256 is not None:
+        parts.append("published teacher")
+    return " ".join(parts)
 
 
 def unique(configs: Iterable[RunConfig]) -> list[RunConfig]:
@@ -159,7 +183,6 @@ def unix_k(profile: Profile, paper_pair: str) -> int:
 # wrap, numbers do not: a table of a few columns with long names (Table 4) fits the page's column at 1280 px.
 TABLE_STYLE = [
     {"selector": "", "props": "font-size: 0.9em;"},
-    {"selector": "caption", "props": "caption-side: top; text-align: left; padding-bottom: 0.5em;"},
     {"selector": "th, td", "props": "padding: 0.2em 0.5em; text-align: right; white-space: nowrap;"},
     {"selector": "tbody th", "props": "text-align: left; white-space: normal; min-width: 9em;"},
     {"selector": "thead th", "props": "border-bottom: 1px solid #888; text-align: center; white-space: normal;"},
@@ -169,23 +192,35 @@ TABLE_STYLE = [
 
 @dataclass
 class Table:
-    """A table as the book shows it (``frame``, strings), its numbers (``data``, one row per cell, floats:
-    the source for glued prose) and a caption."""
+    """A table as the book shows it (``frame``, strings: what the profile ran), its numbers (``data``, one row per
+    cell, floats: the source for glued prose) and a caption; ``full``, when set, is the paper's whole table with
+    ours beside it (one click away on the page, under ``frame``)."""
 
     name: str
     caption: str
     frame: pd.DataFrame
     data: pd.DataFrame
     key_numbers: dict[str, float] = field(default_factory=dict)
+    full: pd.DataFrame | None = None
 
-    def styled(self):
-        return self.frame.style.set_caption(self.caption).set_table_styles(TABLE_STYLE)
+    def styled(self, frame: pd.DataFrame | None = None):
+        return (self.frame if frame is None else frame).style.set_table_styles(TABLE_STYLE)
 
     def _repr_html_(self) -> str:
-        return self.styled().to_html()
+        # The caption is a paragraph above the table's own scroll box: it wraps at the page's width, never clipped.
+        html = f'<p class="kcd-caption">{escape(self.caption, quote=False)}</p>{_scroll(self.styled().to_html())}'
+        if self.full is not None:
+            html += (f"<details><summary>The paper's whole table: every row and pair it prints, '{NOT_RUN}' where "
+                     f"this profile did not run the cell</summary>{_scroll(self.styled(self.full).to_html())}"
+                     "</details>")  # fmt: skip
+        return html
 
     def __repr__(self) -> str:
         return f"{self.caption}\n{self.frame.to_string()}"
+
+
+def _scroll(html: str) -> str:
+    return f'<div style="overflow-x: auto; max-width: 100%;">{html}</div>'
 
 
 @dataclass
@@ -259,20 +294,49 @@ def caption(
     paper_note: str = "paper: as published (CIFAR-100)",
     teachers: str = "",
     epochs: tuple[int, int] | None = None,
+    runs: Iterable[RunConfig] = (),
+    varied: Iterable[str] = (),
 ) -> str:
+    """A table's caption: the schedule of this build first, then the profile, the pairs, seeds and what the
+    columns mean. ``runs`` (the runs behind the table) name every option that differs from the paper's in them,
+    except the ``varied`` ones (the table's rows say those)."""
     shown = [f"{p} → {'/'.join(profile.run_pair(p))}" if profile.pairs.get(p, p) != p else p for p in pairs]
     seed_list = ", ".join(map(str, profile.seeds))
     many = " (mean ± sd over seeds)" if len(profile.seeds) > 1 else ""
     other = f" Dataset: {dataset}." if dataset and dataset != profile.dataset else ""
     epochs, stage = epochs or (profile.epochs, profile.stage_epochs)
+    own = get_profile(profile.name)
+    rescheduled = (profile.epochs, profile.stage_epochs, profile.teacher_epochs) != (
+        own.epochs, own.stage_epochs, own.teacher_epochs)  # fmt: skip
     return (
-        f"{title}. Profile '{profile.name}' ({profile.description}); this build: {epochs} epochs, KCD stages of "
-        f"{stage}.{other} Pairs run (paper → run): {'; '.join(shown) or 'none'}. Seeds: {seed_list}. Ours: top-1 % "
-        f"at the last epoch / at the best epoch{many}; the paper most likely printed the best epoch (the released "
-        f"KCD script reports the best test accuracy; RepDistiller, whose baselines it quotes, the last). "
-        f"{resolution(dataset or profile.dataset)} "
+        f"{title}. This build: {epochs} epochs, KCD stages of {stage}{changed_settings(runs, varied)}. Profile "
+        f"'{profile.name}'{' with its schedule changed by the parameters (its own: ' if rescheduled else ' ('}"
+        f"{profile.description}).{other} Pairs run (paper → run): {'; '.join(shown) or 'none'}. Seeds: {seed_list}. "
+        f"Ours: top-1 % at the last epoch / at the best epoch{many}; the paper most likely printed the best epoch "
+        f"(the released KCD script reports the best test accuracy; RepDistiller, whose baselines it quotes, the "
+        f"last). {resolution(dataset or profile.dataset)} "
         f"{paper_note}; '{NOT_RUN}': not run on this profile. C: counted computation relative to KD.{teachers}"
     )
+
+
+# How a caption names an option (the paper's symbols where it has one).
+OPTION_NAMES = {"temperature": "T", "gamma": "γ", "kd_alpha": "α (KD term)", "alpha": "α", "beta": "β", "rho": "ρ"}
+
+
+def changed_settings(runs: Iterable[RunConfig], varied: Iterable[str] = ()) -> str:
+    """``; not the paper's: T=2 (every run), ...``: the options of ``runs`` that differ from the paper's defaults,
+    from the runs' own configs, ``varied`` left out, and KCD's stage length (the caption states it); "" when none."""
+    seen: dict[str, list] = {}
+    runs = [c for c in runs if c.kind == "distill"]
+    for cfg in runs:
+        for name, value in changed_options(cfg).items():
+            if name not in (*varied, "stage_epochs") and value not in seen.setdefault(name, []):
+                seen[name].append(value)
+    if not seen:
+        return ""
+    parts = [f"{OPTION_NAMES.get(n, n)}={'/'.join(f'{v:g}' if isinstance(v, float) else str(v) for v in vs)}"
+             for n, vs in seen.items()]  # fmt: skip
+    return f"; not the paper's settings: {', '.join(parts)}"
 
 
 def teachers(store: RunStore, configs: Iterable[RunConfig]) -> str:
@@ -286,6 +350,15 @@ def teachers(store: RunStore, configs: Iterable[RunConfig]) -> str:
         where = "a published checkpoint" if cfg.teacher is None else "trained here"
         seen[cfg.teacher_arch] = f"{cfg.teacher_arch}, {where}" + ("" if acc is None else f" ({acc:.2f} % top-1)")
     return f" Teachers (top-1 measured here): {'; '.join(seen.values())}." if seen else ""
+
+
+def ran(full: pd.DataFrame, groups: Sequence[str]) -> pd.DataFrame:
+    """The part of a paper's whole table that the profile ran: the column groups ``groups`` (its pairs, plus any
+    group of ``full`` that is not a pair, e.g. Table 1's counted C), the rows with a cell of ours in them."""
+    keep = [c for c in full.columns if c[0] in groups or "/" not in c[0]]
+    part = full[keep]
+    ours = [c for c in keep if c[1] == "ours"]
+    return part[(part[ours] != NOT_RUN).any(axis=1)] if ours else part
 
 
 def frame_of(cells: dict[tuple[str, tuple[str, str]], str], columns: Sequence[tuple[str, str]], index: str):

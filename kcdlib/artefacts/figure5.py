@@ -13,7 +13,7 @@ import torch
 from .. import condense
 from ..profiles import Profile
 from ..runs import RunConfig, RunStore
-from .common import Artefact, Figure, distill_pair
+from .common import Artefact, Figure, changed_settings, distill_pair
 from .session import Session
 
 
@@ -63,7 +63,8 @@ def build(session: Session, images_per_row: int = 10) -> Figure:
     y = value_labels(store.record(first))
     images = store.dataset(first.dataset).train_images.cpu()
     g = torch.Generator().manual_seed(0)
-    fig = plt.figure(figsize=(12, 6.5), layout="constrained")
+    # Drawn at the size the page shows it (about 900 px wide), so that its 10-12 pt text reads at 10-12 px.
+    fig = plt.figure(figsize=(9, 6.5), layout="constrained")
     top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.1])
     axes = top.subplots(2, images_per_row)
     for r, (label, sel) in enumerate(((1, y), (0, ~y))):
@@ -76,8 +77,8 @@ def build(session: Session, images_per_row: int = 10) -> Figure:
                 img = images[pick[c]].permute(1, 2, 0).numpy()
                 ax.imshow(img[..., 0] if img.shape[-1] == 3 and (img[..., 0] == img[..., 1]).all() else img,
                           cmap="gray")  # fmt: skip
-        axes[r, 0].set_title(f"y = {label}", loc="left", fontsize=10)
-    top.suptitle(f"(a) value labels at the end of KCD ({first.teacher_arch} → {first.arch})", fontsize=11)
+        axes[r, 0].set_title(f"y = {label}", loc="left", fontsize=12)
+    top.suptitle(f"(a) value labels at the end of KCD ({first.teacher_arch} → {first.arch})", fontsize=12)
     axs = bottom.subplots(1, 2)
     for ax, temp in zip(axs, (4.0, 1.0)):
         d = data[data["T"] == temp]
@@ -86,16 +87,20 @@ def build(session: Session, images_per_row: int = 10) -> Figure:
         for j, label in enumerate((1, 0)):
             vals = [float(d[(d.teacher == t) & (d.y == label)].entropy.iloc[0]) for t in teachers]
             ax.bar([i + (j - 0.5) * width for i in range(len(teachers))], vals, width, label=f"y = {label}")
-        ax.set_xticks(range(len(teachers)), teachers)
-        ax.set_ylabel("mean entropy of teacher soft labels")
-        ax.set_title(f"T = {temp:g}", fontsize=10)
-        ax.legend()
-    bottom.suptitle("(b) teacher soft-label entropy over kept (y = 1) and dropped (y = 0) points", fontsize=11)
+        ax.set_xticks(range(len(teachers)), teachers, fontsize=11, rotation=20 if len(teachers) > 2 else 0)
+        ax.tick_params(axis="y", labelsize=11)
+        ax.set_title(f"T = {temp:g}", fontsize=12)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.25)  # room above the bars for the legend
+        ax.legend(loc="upper center", ncols=2, fontsize=11, frameon=False)
+    axs[0].set_ylabel("mean entropy of the teacher's soft labels", fontsize=11)  # one label: the panels share it
+    bottom.suptitle("(b) teacher soft-label entropy over kept (y = 1) and dropped (y = 0) points", fontsize=12)
     plt.close(fig)
     mapping = "; ".join(f"{k} → {v}" if k != v else k for k, v in p.figure5_teachers.items())
+    runs = [cfgs[0] for cfgs in declared.values()]
     caption = (
-        f"Figure 5. Profile '{p.name}': {p.dataset}, {p.description}. KC-KD runs of {p.figure5_student} from each "
-        f"teacher (paper → run: {mapping}), seed 0."
+        f"Figure 5. KC-KD runs of {p.figure5_student} from each teacher (paper → run: {mapping}), seed 0, on "
+        f"{first.dataset}: {first.recipe.epochs} epochs, KCD stages of {p.stage_epochs}{changed_settings(runs)}. "
+        f"Profile '{p.name}' ({p.description})."
     )
     t4 = data[data["T"] == 4.0].pivot_table(index="teacher", columns="y", values="entropy")
     key = {"entropy_y1": float(t4[1].mean()), "entropy_y0": float(t4[0].mean()),

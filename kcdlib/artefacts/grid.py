@@ -29,6 +29,7 @@ from .common import (
     paper,
     paper_column,
     percent,
+    ran,
     seeds,
     teachers,
     values,
@@ -93,12 +94,12 @@ class Grid:
         frame = frame_of(cells, [(pair, k) for pair in pairs for k in (head, "ours", "C (counted)")], self.symbol)
         data = pd.DataFrame(rows)
         best = data.groupby("setting", sort=False)["ours"].mean()
-        o = p.kcd_options
-        others = f"α={o.get('alpha', 0.03):g}, ρ={kcd_rho(p):g}, K1L"
-        text = caption(f"{self.title} (KC-KD; other settings as in the paper: {others})", p, p.grid_pairs,
-                       teachers=teachers(store, run_cfgs))  # fmt: skip
+        settings = {"alpha": f"α={p.kcd_options.get('alpha', 0.03):g}", "rho": f"ρ={kcd_rho(p):g}", "augment": "K1L"}
+        others = ", ".join(text for option, text in settings.items() if option != self.option)
+        text = caption(f"{self.title} (KC-KD; the other KCD settings: {others})", p, p.grid_pairs,
+                       teachers=teachers(store, run_cfgs), runs=run_cfgs, varied=(self.option,))  # fmt: skip
         key = {"best": str(best.idxmax()), "spread": float(best.max() - best.min())}
-        return Table(f"table{self.table}", text, frame, data, key)
+        return Table(f"table{self.table}", text, ran(frame, p.grid_pairs), data, key, full=frame)
 
 
 def grid_artefact(grid: Grid, order: int) -> Artefact:

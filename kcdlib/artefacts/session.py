@@ -15,10 +15,9 @@ from .. import distillers, methods, options
 from ..archive import FROM_RECORDS_ENV, recorded_code, recorded_fingerprints
 from ..errors import BadOption
 from ..fastpath import COMPILE_MODES
-from ..files import atomic_write
 from ..profiles import Profile, get_profile, published_teachers
 from ..runs import MAX_SEED, RunConfig, RunStore
-from .common import unique
+from .common import non_default_options, unique
 
 # The course's knobs: notebook parameter -> the distiller option it sets (every distiller that has it; UNIX's own
 # loss is UNIX's protocol and keeps its values).
@@ -60,21 +59,25 @@ class Session:
             self.status(f"training {len(missing)} runs on {', '.join(self.devices)} ({self.jobs_per_device} each)")
             ensure_all(missing, str(store.root), store.data_root, self.devices, self.jobs_per_device, progress,
                        store.compile, store.stale)  # fmt: skip
-        records = []
-        for i, cfg in enumerate(tqdm(configs, desc="runs", unit="run", disable=not progress, mininterval=2.0), 1):
-            what = f"run {i}/{len(configs)}: {describe(cfg)}"
+        # A teacher run the store would train inside its student's ensure() gets its own turn (and label) first.
+        from ..plan import with_teachers
+
+        order = with_teachers(configs)
+        records = {}
+        for i, cfg in enumerate(tqdm(order, desc="runs", unit="run", disable=not progress, mininterval=2.0), 1):
+            what = f"run {i}/{len(order)}: {describe(cfg)}"
             self.status(what)
             store.on_epoch = lambda epoch, epochs, what=what: self.status(f"{what}, epoch {epoch}/{epochs}")
             try:
-                records.append(store.ensure(cfg, progress=False))
+                records[cfg.options_hash] = store.ensure(cfg, progress=False)
             finally:
                 store.on_epoch = None
-        self.status(f"{len(configs)} runs ready")
+        self.status(f"{len(order)} runs ready")
         print(
             f"{len(configs)} runs: {reused} reused, {len(configs) - reused} trained "
             f"({time.perf_counter() - start:.0f} s) in {self.shown(store.root)}"
         )
-        return records
+        return [records[c.options_hash] for c in configs]
 
     def records(self, configs: Iterable[RunConfig], fields: Sequence[str] = RECORD_FIELDS):
         """The records of ``configs`` as a frame, one row per run: its seed, its folder in the store (relative to
@@ -91,8 +94,11 @@ class Session:
         return pd.DataFrame(rows).set_index("run").astype(object)  # a seed stays a whole number when transposed
 
     def status(self, line: str) -> None:
+        """Append ``line`` to the progress file: ``kcd book`` prints every line, the last epoch's included (a file
+        rewritten each time lost the lines written between two of the runner's looks)."""
         if self.progress_file is not None:
-            atomic_write(self.progress_file, (line + "\n").encode())
+            with open(self.progress_file, "a") as f:
+                f.write(line + "\n")
 
     def shown(self, path: str | os.PathLike) -> str:
         """``path`` relative to the book (a rendered page shows no folder of the machine that built it)."""
@@ -101,10 +107,16 @@ class Session:
 
 
 def describe(cfg: RunConfig) -> str:
-    """A run in a few words: ``resnet8 from resnet20, kd/kcd, seed 0`` (or ``resnet20 alone, seed 0``)."""
+    """A run in a few words, from its own options: ``resnet20 trained alone (15 epochs), seed 0`` (a teacher, or
+    Table 1's student row) or ``resnet8 from resnet20, kd/kcd rho=0.5, seed 0`` (the options that differ from
+    their defaults, as ``kcd book --plan``)."""
     if cfg.kind == "teacher":
-        return f"{cfg.arch} alone ({cfg.recipe.epochs} epochs), seed {cfg.seed}"
-    return f"{cfg.arch} from {cfg.teacher_arch}, {cfg.distiller}/{cfg.method}, seed {cfg.seed}"
+        return f"{cfg.arch} trained alone ({cfg.recipe.epochs} epochs), seed {cfg.seed}"
+    changed = non_default_options(cfg)
+    return (
+        f"{cfg.arch} from {cfg.teacher_arch}, {cfg.distiller}/{cfg.method}{' ' + changed if changed else ''}, "
+        f"seed {cfg.seed}"
+    )
 
 
 def setup(

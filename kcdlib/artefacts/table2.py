@@ -93,6 +93,7 @@ def build(session: Session) -> Table:
         f"k={k} makes its Eq. 19 cost equal KCD's C (Fs/Ft={ratio:.3f} counted for the pair run); published "
         "numbers: UNIX's official README and the paper's Table 1",
         p, [run_pair], teachers=teachers(store, declared[KD]),
+        runs=[c for cfgs in declared.values() for c in cfgs], varied=("k",),
     )  # fmt: skip
     unix = key[UNIX_RERUN]
     key = {"unix_k": k, "kd_top1": key[KD]["ours"], "unix_top1": unix["ours"], "kcd_top1": key[KCKD]["ours"],

@@ -61,7 +61,7 @@ def build(session: Session) -> Table:
         p, [p.table3_pair], p.table3_dataset,
         paper_note="paper: the absolute computation it quotes for ImageNet",
         teachers=teachers(store, [c for cfgs in declared.values() for c in cfgs]),
-        epochs=schedule(p),
+        epochs=schedule(p), runs=[c for cfgs in declared.values() for c in cfgs],
     )  # fmt: skip
     key = {"kd_points": rows[0]["points_distilled"], "kcd_points": rows[1]["points_distilled"],
            "ratio": 100 * rows[1]["points_distilled"] / rows[0]["points_distilled"],
