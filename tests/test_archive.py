@@ -83,7 +83,7 @@ def test_from_records_names_every_missing_run(tmp_path):
                    str(tmp_path / "empty"), "--out", str(tmp_path / "out"))  # fmt: skip
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "--from-records trains nothing" in done.stderr and "lacks 2 runs" in done.stderr
-    assert "resnet20 alone" in done.stderr
+    assert "resnet20 trained alone" in done.stderr
 
 
 def test_a_store_renders_from_recorded_fingerprints_without_the_data(tmp_path):
