@@ -8,6 +8,7 @@ and reads the records. The formatting helpers (mean ± sd, the paper's numbers, 
 
 from __future__ import annotations
 
+import html
 import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -177,9 +178,27 @@ class Table:
     frame: pd.DataFrame
     data: pd.DataFrame
     key_numbers: dict[str, float] = field(default_factory=dict)
+    # (row, column) of ``frame`` -> the hashes of the runs the cell is made of (:func:`run_hashes`): the rendered
+    # cell links to their pages (kcdlib.runpages).
+    links: dict[Any, list[str]] = field(default_factory=dict)
 
     def styled(self):
-        return self.frame.style.set_caption(self.caption).set_table_styles(TABLE_STYLE)
+        return self.linked().style.set_caption(self.caption).set_table_styles(TABLE_STYLE)
+
+    def linked(self) -> pd.DataFrame:
+        """``frame`` with each cell of ``links`` linked to its run's page (one run), or followed by a link per run
+        (several seeds: ``[1] [2] [3]``)."""
+        from ..runpages import href
+
+        frame = self.frame.copy()
+        for (row, col), hashes in self.links.items():
+            text = html.escape(str(frame.loc[row, col]))
+            if len(hashes) == 1:
+                frame.loc[row, col] = f'<a class="kcd-run" href="{href(hashes[0])}">{text}</a>'
+            else:
+                runs = " ".join(f'<a class="kcd-run" href="{href(h)}">[{i}]</a>' for i, h in enumerate(hashes, 1))
+                frame.loc[row, col] = f"{text} <sup>{runs}</sup>"
+        return frame
 
     def _repr_html_(self) -> str:
         return self.styled().to_html()
@@ -206,6 +225,11 @@ def values(store: RunStore, configs: Sequence[RunConfig], key: str) -> list[floa
             raise KeyError(f"run {store.path(cfg)} ({cfg.arch} {cfg.method}) is missing: call session.ensure first")
         out.append(float(rec[key]))
     return out
+
+
+def run_hashes(store: RunStore, configs: Sequence[RunConfig]) -> list[str]:
+    """The identities of the runs behind a cell, for :attr:`Table.links` (computed by the store, never here)."""
+    return [store.run_hash(cfg) for cfg in configs]
 
 
 def mean_sd(xs: Sequence[float]) -> tuple[float, float]:

@@ -29,6 +29,7 @@ from .common import (
     paper,
     paper_column,
     percent,
+    run_hashes,
     seeds,
     teachers,
     values,
@@ -71,7 +72,7 @@ class Grid:
         declared = self.declare(p)
         head = paper_column(p)
         pairs = list(dict.fromkeys([*paper_pairs, *p.grid_pairs]))
-        rows, cells, run_cfgs = [], {}, []
+        rows, cells, run_cfgs, links = [], {}, [], {}
         for v in _unique_values([*paper_values, *getattr(p, self.knob)]):
             label = self.label(v)
             ref_row = published[published.value.map(self.key) == self.key(v)]
@@ -89,6 +90,7 @@ class Grid:
                 rows.append({"setting": v, "pair": pair, "ours": mean, "ours_sd": sd, "paper": ref,
                              "computation": counted})  # fmt: skip
                 cells[(label, (pair, "ours"))] = text
+                links[(label, (pair, "ours"))] = run_hashes(store, cfgs)
                 cells[(label, (pair, "C (counted)"))] = percent(counted)
         frame = frame_of(cells, [(pair, k) for pair in pairs for k in (head, "ours", "C (counted)")], self.symbol)
         data = pd.DataFrame(rows)
@@ -98,7 +100,7 @@ class Grid:
         text = caption(f"{self.title} (KC-KD; other settings as in the paper: {others})", p, p.grid_pairs,
                        teachers=teachers(store, run_cfgs))  # fmt: skip
         key = {"best": str(best.idxmax()), "spread": float(best.max() - best.min())}
-        return Table(f"table{self.table}", text, frame, data, key)
+        return Table(f"table{self.table}", text, frame, data, key, links)
 
 
 def grid_artefact(grid: Grid, order: int) -> Artefact:

@@ -9,7 +9,7 @@ import statistics
 import pandas as pd
 
 from ..profiles import Profile
-from .common import Artefact, Table, caption, cell, distill_pair, paper_column, percent, teachers, values
+from .common import Artefact, Table, caption, cell, distill_pair, paper_column, percent, run_hashes, teachers, values
 from .session import Session
 
 # Table 3's absolute computation as the paper quotes it (ImageNet: 1.26M points x 90 epochs for KD).
@@ -40,10 +40,11 @@ def build(session: Session) -> Table:
     p, store = session.profile, session.store
     declared = declare(p)
     head = paper_column(p.with_options(dataset=p.table3_dataset), "imagenet", "C_a paper", "C_a paper")
-    rows, display = [], []
+    rows, display, links = [], [], {}
     for label, cfgs in declared.items():
         m1, s1, t1 = cell(store, cfgs)
         m5, s5, t5 = cell(store, cfgs, "final_top5")
+        links[(label, "top-1 ours")] = run_hashes(store, cfgs)
         ca = statistics.fmean(values(store, cfgs, "points_distilled"))
         c = statistics.fmean(values(store, cfgs, "computation"))
         rows.append({"method": label, "top1": m1, "top5": m5, "points_distilled": ca, "computation": c,
@@ -68,7 +69,7 @@ def build(session: Session) -> Table:
            "kd_top1": rows[0]["top1"], "kcd_top1": rows[1]["top1"],
            "paper_kd_points_m": PAPER_IMAGENET_CA["KD"] / 1e6,
            "paper_kcd_points_m": PAPER_IMAGENET_CA["KC-KD"] / 1e6}  # fmt: skip
-    return Table("table3", text, frame, data, key)
+    return Table("table3", text, frame, data, key, links)
 
 
 ARTEFACT = Artefact("table3", "Table 3: ImageNet, ResNet34 → ResNet18", "paper", 30, declare, build)

@@ -11,7 +11,20 @@ import pandas as pd
 from .. import condense, reference
 from ..profiles import Profile
 from ..released import released_code_schedule
-from .common import KCD_RHO, Artefact, Table, caption, cell, distill, paper, paper_column, percent, seeds, teachers
+from .common import (
+    KCD_RHO,
+    Artefact,
+    Table,
+    caption,
+    cell,
+    distill,
+    paper,
+    paper_column,
+    percent,
+    run_hashes,
+    seeds,
+    teachers,
+)
 from .common import values as read
 from .session import Session
 
@@ -39,10 +52,11 @@ def build(session: Session) -> Table:
     pair = p.table4_pair
     declared = declare(p)
     head = paper_column(p, name="top-1 paper (Table 1)")
-    rows, display = [], []
+    rows, display, links = [], [], {}
     for label, m, _ in ROWS:
         cfgs = declared[label]
         mean, sd, text = cell(store, cfgs)
+        links[(label, "top-1 ours")] = run_hashes(store, cfgs)
         counted = statistics.fmean(read(store, cfgs, "computation"))
         formula = statistics.fmean(read(store, cfgs, "computation_formula"))
         never = statistics.fmean(read(store, cfgs, "never_distilled"))
@@ -75,7 +89,7 @@ def build(session: Session) -> Table:
     # Read literally, the paper schedule never distils the points its random stage 1 leaves out.
     key["paper_setting_never_literal"] = 50000 - condense.keep_schedule("paper", 50000, 240, 40, KCD_RHO)[0]
     key["released_crash_condensation"] = released_code_schedule(50000, 240, 30, KCD_RHO).crashes_at
-    return Table("table4", text, frame, data, key)
+    return Table("table4", text, frame, data, key, links)
 
 
 ARTEFACT = Artefact("table4", "Table 4: what each component of KCD contributes", "paper", 40, declare, build)
