@@ -52,8 +52,8 @@ def group(cfg: RunConfig) -> str:
 
 
 def declare(p: Profile) -> dict[tuple[str, str], list[RunConfig]]:
-    """(pair run, method label) -> its runs, from the tables' own declarations; a set of runs two tables share is
-    declared once, under the first table's label."""
+    """(pair run, method label) -> its runs, from the tables' own declarations; runs a point already holds are not
+    another point (Table 1's KD over three seeds holds Table 2's KD of seed 0), nor is a second point of one label."""
     labelled: list[tuple[str, list[RunConfig]]] = []
     labelled += [(lab, cfgs) for (_, lab), cfgs in table1.declare(p).items() if lab not in ("Teacher", "Student")]
     k = table2.unix_k(p, p.table2_pair)
@@ -64,11 +64,11 @@ def declare(p: Profile) -> dict[tuple[str, str], list[RunConfig]]:
         labelled += [(f"KC-KD, {g.label(v)}", cfgs) for (v, _), cfgs in g.declare(p).items()]
     labelled += [(lab, cfgs) for lab, cfgs in table3.declare(p).items()]
     out: dict[tuple[str, str], list[RunConfig]] = {}
-    seen: set[tuple[str, ...]] = set()
+    seen: set[str] = set()
     for lab, cfgs in labelled:
-        ident = tuple(c.options_hash for c in cfgs)
-        if ident not in seen:
-            seen.add(ident)
+        runs = {c.options_hash for c in cfgs}
+        if not runs <= seen and (group(cfgs[0]), lab) not in out:
+            seen |= runs
             out[(group(cfgs[0]), lab)] = cfgs
     return out
 
