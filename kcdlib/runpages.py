@@ -74,7 +74,10 @@ def page(record: dict[str, Any], teacher_hash: str | None, figure: str | None) -
     c, h = record["config"], record["hash"]
     what = (f"{c['arch']} trained alone (cross-entropy)" if c["kind"] == "teacher"
             else f"{c['arch']} from {c['teacher_arch']}, {c['distiller']} + {c['method']}")  # fmt: skip
-    lines = [f"(run-{h})=", f"# Run {h}", "", f"{what}, seed {c['seed']}, on {c['dataset']}.", ""]
+    short = (f"{c['arch']} alone" if c["kind"] == "teacher"
+             else f"{c['teacher_arch']} → {c['arch']}, {c['distiller']}/{c['method']}")  # fmt: skip
+    lines = [f"(run-{h})=", f"# {short}, seed {c['seed']}: run {h}", "", f"{what}, seed {c['seed']}, on "
+             f"{c['dataset']}.", ""]  # fmt: skip
     lines += ["## Numbers", "", "| field | recorded |", "| --- | --- |"]
     for key in ("final_top1", "best_top1", "final_top5", "computation", "computation_formula", "points_distilled",
                 "never_distilled", "wall_seconds"):  # fmt: skip
