@@ -93,6 +93,11 @@ def test_every_table_link_resolves_to_a_run_page_that_gives_the_cell(tiny_book):
                 assert numbers[-1] == pytest.approx(best, abs=0.005), (name, text)
             checked += 1
     assert checked >= 10
+    # The trade-off's plot (inline SVG): a link per run, each to an existing run page.
+    plot = (html / "book" / "artefacts" / "tradeoff.html").read_text()
+    dots = re.findall(r'xlink:href="(\.\./runs/[0-9a-f]{16}\.html)"', plot)
+    assert len(dots) >= len(tradeoff.declare(artefacts.setup("tiny", str(out)).profile))
+    assert all((html / "book" / "artefacts" / d).resolve().is_file() for d in dots)
     # Every run page is in the table of contents, nothing of this machine is on it, the teacher is a link.
     toc = (out / "_toc.yml").read_text()
     pages = sorted((out / "book" / "runs").glob("*.md"))

@@ -7,6 +7,9 @@ pair; one point per distinct set of runs (a run shared by two tables is one poin
 
 from __future__ import annotations
 
+import base64
+import io
+import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ import pandas as pd
 
 from .. import condense, reference
 from ..profiles import Profile
+from ..runpages import href
 from ..runs import RunConfig
 from . import table1, table2, table3, table4, table5, table6, table7
 from .common import KCD_RHO, Artefact, Table, mean_sd, percent, run_hashes, values
@@ -34,6 +38,17 @@ class Tradeoff:
     @property
     def key_numbers(self) -> dict[str, float]:
         return self.table.key_numbers
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, str]:
+        """The plot as inline SVG (the book shows it: every run's dot links to its page) and as PNG (the notebook's
+        fallback)."""
+        svg, png = io.StringIO(), io.BytesIO()
+        self.figure.savefig(svg, format="svg")
+        self.figure.savefig(png, format="png", dpi=100)
+        # Drop the XML prolog and the fixed size: the inline plot scales to the page's column.
+        text = re.sub(r'<svg([^>]*?) width="[^"]*" height="[^"]*"', r'<svg\1 style="width: 100%; height: auto"',
+                      svg.getvalue()[svg.getvalue().index("<svg"):], count=1)  # fmt: skip
+        return {"text/html": text, "image/png": base64.b64encode(png.getvalue()).decode()}
 
 
 def frontier(computation: Sequence[float], top1: Sequence[float]) -> list[bool]:
@@ -106,9 +121,11 @@ def build(session: Session) -> Tradeoff:
     for (pair, lab), cfgs in declare(p).items():
         last, last_sd = mean_sd(values(store, cfgs, "final_top1"))
         best, best_sd = mean_sd(values(store, cfgs, "best_top1"))
-        c = statistics.fmean(values(store, cfgs, "computation"))
-        rows.append({"pair": pair, "method": lab, "computation": c, "last": last, "last_sd": last_sd, "best": best,
-                     "best_sd": best_sd, "seeds": len(cfgs), "runs": run_hashes(store, cfgs)})  # fmt: skip
+        each = values(store, cfgs, "computation")
+        rows.append({"pair": pair, "method": lab, "computation": statistics.fmean(each), "last": last,
+                     "last_sd": last_sd, "best": best, "best_sd": best_sd, "seeds": len(cfgs),
+                     "runs": run_hashes(store, cfgs), "run_computation": each,
+                     "run_last": values(store, cfgs, "final_top1")})  # fmt: skip
     data = pd.DataFrame(rows)
     data["frontier"] = False
     for _, idx in data.groupby("pair", sort=False).groups.items():
@@ -126,6 +143,11 @@ def build(session: Session) -> Tradeoff:
             ax.errorbar(100 * s.computation, s["last"], yerr=s.last_sd.fillna(0), fmt="o", color=colour, capsize=3,
                         label=f"{name}: last epoch")  # fmt: skip
             ax.scatter(100 * s.computation, s.best, marker="_", s=120, color=colour, label=f"{name}: best epoch")
+            # One small dot per run, on top, linked to the run's page (in the book's inline SVG).
+            runs = s.explode(["runs", "run_computation", "run_last"])
+            dots = ax.scatter(100 * runs.run_computation.astype(float), runs.run_last.astype(float), s=10,
+                              color="white", edgecolors=colour, linewidths=0.8, zorder=3)  # fmt: skip
+            dots.set_urls([href(h) for h in runs.runs])
         f = d[d.frontier]
         ax.plot(100 * f.computation, f["last"], "-", color="0.3", lw=1, zorder=0, label="frontier (last epoch)")
         for _, r in f.iterrows():
@@ -154,7 +176,8 @@ def build(session: Session) -> Tradeoff:
         f"Accuracy against computation. Profile '{p.name}' ({p.description}); {p.epochs} epochs, KCD stages of "
         f"{p.stage_epochs}. Each point: one method on one pair, top-1 % (dot and bar: last epoch, mean ± sd over "
         f"seeds; dash: best epoch) against the computation C counted from the runs' passes, relative to KD on the "
-        f"same pair; {'/'.join(map(str, n))} seed(s) per point. The runs are the tables' own (Tables 1-7). The "
+        f"same pair; small circles: each run (a link to its page); {'/'.join(map(str, n))} seed(s) per point. "
+        "The runs are the tables' own (Tables 1-7). The "
         "frontier joins the points no other point beats on both axes (lower C and higher last-epoch top-1). "
         + ("Squares: the paper's points where it gives both numbers (C of KCD from Eq. 16 at its setting; UNIX's "
            "from its README)." if comparable else
@@ -163,7 +186,8 @@ def build(session: Session) -> Tradeoff:
     on = data[data.frontier]
     key = {"points": len(data), "frontier_points": len(on), "pairs": len(groups),
            "kcd_on_frontier": int(on.method.str.startswith("KC-").sum())}  # fmt: skip
-    return Tradeoff(Table("tradeoff", text, frame, data.drop(columns=["runs"]), key, links), fig, published)
+    numbers = data.drop(columns=["runs", "run_computation", "run_last"])
+    return Tradeoff(Table("tradeoff", text, frame, numbers, key, links), fig, published)
 
 
 ARTEFACT = Artefact("tradeoff", "Accuracy against computation", "paper", 85, declare, build)
