@@ -48,14 +48,10 @@ def differences(config: dict[str, Any]) -> dict[str, Any]:
     spec = datasets.spec(config["dataset"])
     recipe = spec.recipe(config["arch"], None).as_dict()
     out = {f"recipe.{k}": v for k, v in config["recipe"].items() if recipe.get(k) != v}
-    ds = distillers.canonical_options(config["distiller"], {})
-    out |= {f"{config['distiller']}.{k}": v for k, v in config["distiller_options"].items() if ds.get(k) != v}
-    epochs, batch = config["recipe"]["epochs"], config["recipe"]["batch_size"]
-    try:
-        ms = methods.canonical_options(config["method"], {}, epochs, batch)
-    except Exception:  # a default that does not fit this schedule (KCD's six stages): every option is shown
-        ms = {}
-    out |= {f"{config['method']}.{k}": v for k, v in config["method_options"].items() if ms.get(k) != v}
+    # The registries' own defaults (KCD's stage length: None, six stages), not defaults fitted to this schedule.
+    for kind, specs in (("distiller", distillers.DISTILLERS), ("method", methods.METHODS)):
+        name, spec = config[kind], specs[config[kind]].option_specs
+        out |= {f"{name}.{k}": v for k, v in config[f"{kind}_options"].items() if k not in spec or spec[k].default != v}
     if config.get("seed"):
         out["seed"] = config["seed"]
     return out

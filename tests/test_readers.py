@@ -124,3 +124,15 @@ def test_the_frontier_holds_the_records_numbers(tiny_book, runs_dir):
     for pair, d in data.groupby("pair"):
         for _, p in d[d.frontier].iterrows():
             assert not ((d.computation < p.computation) & (d["last"] > p["last"])).any(), (pair, p.method)
+
+
+def test_a_run_page_names_the_options_off_their_defaults():
+    from kcdlib import runpages
+    from kcdlib.artefacts import common
+
+    p = get_profile("tiny")
+    cfg = common.distill(p, p.table4_pair, method="kcd", value="random", augment="none")
+    assert runpages.differences(cfg.canonical()) == {
+        "recipe.epochs": 3, "kcd.augment": "none", "kcd.stage_epochs": 1, "kcd.value": "random",
+    }  # fmt: skip
+    assert runpages.differences(common.teacher_run(p, "resnet20").canonical()) == {"recipe.epochs": 10}
