@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import scipy.stats
 
 CONFIDENCE = 0.95
-METHOD = "Welch's t-interval (scipy.stats.ttest_ind, equal_var=False)"
+METHOD = "Welch's t (scipy.stats.ttest_ind, equal_var=False)"
 # The verdicts, in the order the findings page counts them.
 REPRODUCED, WITHIN_NOISE, OPPOSITE, ONE_SEED = "reproduced", "within noise", "opposite", "one seed"
 VERDICTS = (REPRODUCED, WITHIN_NOISE, OPPOSITE, ONE_SEED)
@@ -42,9 +42,8 @@ class Difference:
 
     def text(self) -> str:
         """``+0.41 [−0.30, +1.10]`` (or the bare difference with one seed)."""
-        if math.isnan(self.low):
-            return f"{self.diff:+.2f}"
-        return f"{self.diff:+.2f} [{self.low:+.2f}, {self.high:+.2f}]".replace("-", "−")
+        text = f"{self.diff:+.2f}" if math.isnan(self.low) else f"{self.diff:+.2f} [{self.low:+.2f}, {self.high:+.2f}]"
+        return text.replace("-", "−")
 
 
 def difference(kc: Sequence[float], base: Sequence[float], confidence: float = CONFIDENCE) -> Difference:
