@@ -65,8 +65,8 @@ def _value(v: Any) -> str:
     return f"`{json.dumps(v)}`" if not isinstance(v, str) else f"`{v}`"
 
 
-def page(record: dict[str, Any], teacher_hash: str | None, figure: str | None) -> str:
-    """The MyST text of one run's page."""
+def page(record: dict[str, Any], teacher_hash: str | None, figure: str | None, linked: bool = True) -> str:
+    """The MyST text of one run's page; ``teacher_hash``: the teacher's run, a link where ``linked``."""
     c, h = record["config"], record["hash"]
     what = (f"{c['arch']} trained alone (cross-entropy)" if c["kind"] == "teacher"
             else f"{c['arch']} from {c['teacher_arch']}, {c['distiller']} + {c['method']}")  # fmt: skip
@@ -100,7 +100,8 @@ def page(record: dict[str, Any], teacher_hash: str | None, figure: str | None) -
         acc = (record.get("teacher_accuracy") or {}).get("top1")
         measured = "" if acc is None else f" ({acc:.2f} % top-1 measured when used)"
         if teacher_hash is not None:
-            lines.append(f"| teacher | [{c['teacher_arch']}, run {teacher_hash}]({teacher_hash}.md){measured} |")
+            run = f"[run {teacher_hash}]({teacher_hash}.md)" if linked else f"run `{teacher_hash}` (no page)"
+            lines.append(f"| teacher | {c['teacher_arch']}, {run}{measured} |")
         else:
             lines.append(f"| teacher | {c['teacher_arch']}, a published checkpoint, SHA-256 `{t['sha256']}`"
                          f"{measured} |")  # fmt: skip
@@ -152,7 +153,7 @@ def write(store: RunStore, configs: Iterable[RunConfig], root: Path, echo=print)
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*"):  # a page of a run this build did not read must not stay in the book
         old.unlink()
-    entries, rows, missing = [], [], 0
+    entries, rows, missing, written = [], [], 0, set()
     for cfg in with_teachers(configs):
         h = store.run_hash(cfg)
         try:
@@ -164,7 +165,10 @@ def write(store: RunStore, configs: Iterable[RunConfig], root: Path, echo=print)
         if record["epochs"]:
             curves(record, folder / f"{h}.png")
             figure = f"{h}.png"
-        (folder / f"{h}.md").write_text(page(record, _teacher_hash(store, cfg), figure))
+        # Teachers come first (with_teachers): a teacher without a page (its record damaged) is named, not linked.
+        teacher = _teacher_hash(store, cfg)
+        (folder / f"{h}.md").write_text(page(record, teacher, figure, linked=teacher in written))
+        written.add(h)
         entries.append(f"{FOLDER}/{h}")
         c = record["config"]
         who = c["arch"] if c["kind"] == "teacher" else f"{c['teacher_arch']} → {c['arch']}"
