@@ -102,6 +102,8 @@ def paper_points(p: Profile) -> pd.DataFrame:
             rows.append({**where, "method": "KC-KD", "computation": c, "top1": t1.loc["KC-KD", pair]})
         if pair in grids.columns:
             for _, r in grids[grids.table == 6].iterrows():
+                if float(r.value) == KCD_RHO:  # the paper's KC-KD point above
+                    continue
                 c = condense.schedule_computation("paper", 240, 40, float(r.value))
                 rows.append({**where, "method": f"KC-KD, ρ = {float(r.value):g}", "computation": c, "top1": r[pair]})
         pt, ps = pair.split("/")
@@ -134,8 +136,12 @@ def build(session: Session) -> Tradeoff:
     comparable = p.dataset == "cifar100"
 
     groups = list(dict.fromkeys(data.pair))
-    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.6), squeeze=False, layout="constrained")
-    for ax, g in zip(axes[0], groups):
+    cols = min(3, len(groups))  # the paper profile's twelve pairs: four rows of three
+    rows_ = -(-len(groups) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(6.5 * cols, 4.6 * rows_), squeeze=False, layout="constrained")
+    for ax in axes.flat[len(groups) :]:
+        ax.set_axis_off()
+    for ax, g in zip(axes.flat, groups):
         d = data[data.pair == g].sort_values("computation")
         kcd = d.method.str.startswith("KC-")
         for sel, colour, name in ((~kcd, "C0", "without KCD (KD, PKT, CRD, UNIX)"), (kcd, "C1", "with KCD")):
