@@ -56,14 +56,18 @@ def notebooks() -> tuple[str, ...]:
     return artefacts.names()
 
 
-def toc(names: tuple[str, ...] | None = None) -> str:
-    """``_toc.yml`` of the book: the prose pages of :data:`PARTS` and a page per artefact, from the registry."""
+def toc(names: tuple[str, ...] | None = None, runs: tuple[str, ...] = ()) -> str:
+    """``_toc.yml`` of the book: the prose pages of :data:`PARTS` and a page per artefact, from the registry;
+    ``runs`` (:func:`kcdlib.runpages.write`'s entries, its index first): a last part, a page per run."""
     names = notebooks() if names is None else names
     lines = ["# Written by kcdlib.book.toc() from kcdlib.artefacts: do not edit.", "format: jb-book",
              "root: book/intro", "parts:"]  # fmt: skip
     for caption, before, part, after in PARTS:
         pages = [*before, *(f"book/artefacts/{n}" for n in names if artefacts.get(n).part == part), *after]
         lines += [f"  - caption: {caption}", "    chapters:", *(f"      - file: {page}" for page in pages)]
+    if runs:
+        lines += ["  - caption: The runs", "    chapters:", f"      - file: {runs[0]}"]
+        lines += ["        sections:", *(f"          - file: {page}" for page in runs[1:])] if runs[1:] else []
     return "\n".join(lines) + "\n"
 
 
@@ -263,7 +267,8 @@ def build_book(
             for name in BOOK_SOURCES:
                 src = REPO / name
                 if src.is_dir():
-                    shutil.copytree(src, out / name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("artefacts"))
+                    skip = shutil.ignore_patterns("artefacts", "runs")  # made by this build
+                    shutil.copytree(src, out / name, dirs_exist_ok=True, ignore=skip)
                 else:
                     shutil.copy2(src, out / name)
         (out / "_toc.yml").write_text(toc(names))
@@ -326,6 +331,7 @@ def build_book(
         verify_or_fail(runs_dir, data_root, device, echo)
     if not html:
         return book_artefacts
+    (out / "_toc.yml").write_text(toc(names, write_run_pages(p.name, parameters, names, out, echo)))
     return build_html(out, echo)
 
 
@@ -356,6 +362,17 @@ def run_notebook(name: str, parameters: dict, target: str | Path, echo=print) ->
         finally:
             progress.done(name)
     return target
+
+
+def write_run_pages(profile: str, parameters: dict, names: tuple[str, ...], out: Path, echo=print) -> tuple[str, ...]:
+    """A page per run the notebooks ``names`` read (:mod:`kcdlib.runpages`), their profile set up as a notebook
+    sets it up (same parameters), so a cell's link names the very run the cell read."""
+    from . import runpages
+
+    keys = ("runs_dir", "data_root", "device", "stale", "teachers_dir", "epochs", "stage_epochs", "teacher_epochs")
+    session = artefacts.setup(profile, **{k: parameters[k] for k in keys if k in parameters})
+    configs = [c for n in names for c in artefacts.get(n).runs(artefacts.get(n).notebook_profile(session.profile))]
+    return tuple(runpages.write(session.store, configs, out, echo))
 
 
 def build_html(root: Path, echo=print) -> Path:

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from html.parser import HTMLParser
 from pathlib import Path
 
 import jupytext
@@ -17,8 +18,10 @@ import torch
 from conftest import TEACHER_EPOCHS
 
 from kcdlib import artefacts, book, cli, cost, models, profiles, reference
-from kcdlib.artefacts import common
+from kcdlib.artefacts import common, tradeoff
 from kcdlib.errors import UnknownName
+from kcdlib.profiles import get_profile
+from kcdlib.runs import read_record
 
 pytestmark = pytest.mark.slow
 
@@ -270,7 +273,8 @@ def test_a_table_shows_what_the_profile_ran_with_the_papers_table_a_click_away(t
 
 def test_the_table_of_contents_is_the_registry(tiny_book):
     out, _, _ = tiny_book
-    assert (out / "_toc.yml").read_text() == book.toc()
+    # The registry's parts, then a part of the runs' pages (kcdlib.runpages; tests/test_readers.py checks them).
+    assert (out / "_toc.yml").read_text().startswith(book.toc() + "  - caption: The runs\n")
 
 
 def test_kcd_book_checks_the_device_first(tmp_path, capsys):
@@ -333,3 +337,83 @@ def test_the_documented_notebook_commands_pass_their_checks(tmp_path):
         artefacts.setup(parameters.get("profile", "smoke"), str(tmp_path), **knobs)
     inline = re.findall(r"-p (\w+) '\[", "".join(p.read_text() for p in pages))
     assert not inline, f"a list passed with -p (a string to papermill): {inline}"
+
+
+# -- what the book shows its readers: every table cell links to its runs' pages (kcdlib.runpages) -----------------
+class _Cells(HTMLParser):
+    """The cells of a page's tables that hold links to runs: (text, [href, ...])."""
+
+    def __init__(self):
+        super().__init__()
+        self.cells, self._cell = [], None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "td":
+            self._cell = ["", []]
+        elif tag == "a" and self._cell is not None and "kcd-run" in (a.get("class") or ""):
+            self._cell[1].append(a["href"])
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell[0] += data
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._cell is not None:
+            if self._cell[1]:
+                self.cells.append(tuple(self._cell))
+            self._cell = None
+
+
+def _recorded(run_page: str, field: str) -> float:
+    return float(re.search(rf'class="kcd-{field}">([^<]+)<', run_page).group(1))
+
+
+def test_every_table_link_resolves_to_a_run_page_that_gives_the_cell(tiny_book):
+    out, html, _ = tiny_book
+    checked = 0
+    for name in book.notebooks():
+        page = html / "book" / "artefacts" / f"{name}.html"
+        parser = _Cells()
+        parser.feed(page.read_text())
+        for text, hrefs in parser.cells:
+            runs = [(page.parent / h).resolve() for h in hrefs]
+            assert all(r.is_file() for r in runs), (name, text, hrefs)
+            pages = [r.read_text() for r in runs]
+            numbers = [float(x) for x in re.findall(r"\d+\.\d+", text.split("[")[0])]
+            last = sum(_recorded(p, "final_top1") for p in pages) / len(pages)
+            assert numbers[0] == pytest.approx(last, abs=0.005), (name, text)
+            if "/" in text:  # "last / best"
+                best = sum(_recorded(p, "best_top1") for p in pages) / len(pages)
+                assert numbers[-1] == pytest.approx(best, abs=0.005), (name, text)
+            checked += 1
+    assert checked >= 10
+    # The trade-off's plot (inline SVG): a link per run, each to an existing run page.
+    plot = (html / "book" / "artefacts" / "tradeoff.html").read_text()
+    dots = re.findall(r'xlink:href="(\.\./runs/[0-9a-f]{16}\.html)"', plot)
+    assert len(dots) >= len(tradeoff.declare(get_profile("tiny")))
+    assert all((html / "book" / "artefacts" / d).resolve().is_file() for d in dots)
+    # Every run page is in the table of contents, nothing of this machine is on it, the teacher is a link.
+    toc = (out / "_toc.yml").read_text()
+    pages = sorted((out / "book" / "runs").glob("*.md"))
+    assert pages and all(f"book/runs/{p.stem}" in toc for p in pages)
+    for p in (html / "book" / "runs").glob("*.html"):
+        text = p.read_text()
+        assert str(out) not in text and "/tmp/" not in text and "/home/" not in text, p
+    distilled = [p for p in pages if re.search(r"\| teacher \| \w+, \[run [0-9a-f]{16}\]", p.read_text())]
+    assert distilled
+
+
+def test_the_frontier_holds_the_records_numbers(tiny_book, runs_dir):
+    session = artefacts.setup("tiny", str(runs_dir))
+    result = tradeoff.build(session)
+    data = result.table.data
+    assert len(data) >= 5 and data.frontier.any()
+    for (pair, lab), cfgs in tradeoff.declare(session.profile).items():
+        row = data[(data.pair == pair) & (data.method == lab)].iloc[0]
+        records = [read_record(session.store.path(c) / "record.json") for c in cfgs]
+        assert row["last"] == pytest.approx(sum(r["final_top1"] for r in records) / len(records))
+        assert row.computation == pytest.approx(sum(r["computation"] for r in records) / len(records))
+    for pair, d in data.groupby("pair"):
+        for _, p in d[d.frontier].iterrows():
+            assert not ((d.computation < p.computation) & (d["last"] > p["last"])).any(), (pair, p.method)

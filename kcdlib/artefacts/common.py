@@ -201,10 +201,30 @@ class Table:
     frame: pd.DataFrame
     data: pd.DataFrame
     key_numbers: dict[str, float] = field(default_factory=dict)
-    full: pd.DataFrame | None = None
+    # (row, column) of ``frame`` -> the hashes of the runs the cell is made of (:func:`run_hashes`): the rendered
+    # cell links to their pages (kcdlib.runpages).
+    links: dict[Any, list[str]] = field(default_factory=dict)
+    full: pd.DataFrame | None = None  # the paper's whole table, of which ``frame`` is what the profile ran
 
     def styled(self, frame: pd.DataFrame | None = None):
-        return (self.frame if frame is None else frame).style.set_table_styles(TABLE_STYLE)
+        return (self.linked() if frame is None else frame).style.set_table_styles(TABLE_STYLE)
+
+    def linked(self) -> pd.DataFrame:
+        """``frame`` with each cell of ``links`` linked to its run's page (one run), or followed by a link per run
+        (several seeds: ``[1] [2] [3]``)."""
+        from ..runpages import href
+
+        frame = self.frame.copy()
+        for (row, col), hashes in self.links.items():
+            if row not in frame.index or col not in frame.columns:
+                continue  # a cell of the paper's whole table that this profile's table does not show
+            text = escape(str(frame.loc[row, col]), quote=False)
+            if len(hashes) == 1:
+                frame.loc[row, col] = f'<a class="kcd-run" href="{href(hashes[0])}">{text}</a>'
+            else:
+                runs = " ".join(f'<a class="kcd-run" href="{href(h)}">[{i}]</a>' for i, h in enumerate(hashes, 1))
+                frame.loc[row, col] = f"{text} <sup>{runs}</sup>"
+        return frame
 
     def _repr_html_(self) -> str:
         # The caption is a paragraph above the table's own scroll box: it wraps at the page's width, never clipped.
@@ -241,6 +261,11 @@ def values(store: RunStore, configs: Sequence[RunConfig], key: str) -> list[floa
             raise KeyError(f"run {store.path(cfg)} ({cfg.arch} {cfg.method}) is missing: call session.ensure first")
         out.append(float(rec[key]))
     return out
+
+
+def run_hashes(store: RunStore, configs: Sequence[RunConfig]) -> list[str]:
+    """The identities of the runs behind a cell, for :attr:`Table.links` (computed by the store, never here)."""
+    return [store.run_hash(cfg) for cfg in configs]
 
 
 def mean_sd(xs: Sequence[float]) -> tuple[float, float]:

@@ -30,6 +30,7 @@ from .common import (
     paper_column,
     percent,
     ran,
+    run_hashes,
     seeds,
     teachers,
     values,
@@ -72,7 +73,7 @@ class Grid:
         declared = self.declare(p)
         head = paper_column(p)
         pairs = list(dict.fromkeys([*paper_pairs, *p.grid_pairs]))
-        rows, cells, run_cfgs = [], {}, []
+        rows, cells, run_cfgs, links = [], {}, [], {}
         for v in _unique_values([*paper_values, *getattr(p, self.knob)]):
             label = self.label(v)
             ref_row = published[published.value.map(self.key) == self.key(v)]
@@ -90,6 +91,7 @@ class Grid:
                 rows.append({"setting": v, "pair": pair, "ours": mean, "ours_sd": sd, "paper": ref,
                              "computation": counted})  # fmt: skip
                 cells[(label, (pair, "ours"))] = text
+                links[(label, (pair, "ours"))] = run_hashes(store, cfgs)
                 cells[(label, (pair, "C (counted)"))] = percent(counted)
         frame = frame_of(cells, [(pair, k) for pair in pairs for k in (head, "ours", "C (counted)")], self.symbol)
         data = pd.DataFrame(rows)
@@ -99,7 +101,7 @@ class Grid:
         text = caption(f"{self.title} (KC-KD; the other KCD settings: {others})", p, p.grid_pairs,
                        teachers=teachers(store, run_cfgs), runs=run_cfgs, varied=(self.option,))  # fmt: skip
         key = {"best": str(best.idxmax()), "spread": float(best.max() - best.min())}
-        return Table(f"table{self.table}", text, ran(frame, p.grid_pairs), data, key, full=frame)
+        return Table(f"table{self.table}", text, ran(frame, p.grid_pairs), data, key, links, full=frame)
 
 
 def grid_artefact(grid: Grid, order: int) -> Artefact:
