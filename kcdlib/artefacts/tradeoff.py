@@ -34,6 +34,7 @@ class Tradeoff:
     table: Table
     figure: Any
     paper: pd.DataFrame
+    caption: str  # the figure's
 
     @property
     def key_numbers(self) -> dict[str, float]:
@@ -196,7 +197,10 @@ def build(session: Session) -> Tradeoff:
     key = {"points": len(data), "frontier_points": len(on), "pairs": len(groups),
            "kcd_on_frontier": int(on.method.str.startswith("KC-").sum())}  # fmt: skip
     numbers = data.drop(columns=["runs", "run_computation", "run_last"])
-    return Tradeoff(Table("tradeoff", text, frame, numbers, key, links), fig, published)
+    # The figure's caption goes above the plot; the table under it says only what it is.
+    table = Table("tradeoff", "The numbers behind the plot: one row per point, each top-1 linked to its runs; ● "
+                  "marks the frontier.", frame, numbers, key, links)  # fmt: skip
+    return Tradeoff(table, fig, published, text)
 
 
 ARTEFACT = Artefact("tradeoff", "Accuracy against computation", "paper", 85, declare, build)
