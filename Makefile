@@ -20,8 +20,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check kcdlib tests benchmarks
 	$(BIN)/ruff format --check kcdlib tests benchmarks
 
+# Two worker processes, one test file each at a time (a file's fixtures stay in one process): about 4 minutes on
+# 2 cores instead of 5.5 one after another. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 book: $(STAMP)
 	$(BIN)/kcd book --profile smoke

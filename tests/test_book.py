@@ -393,6 +393,11 @@ def test_every_table_link_resolves_to_a_run_page_that_gives_the_cell(tiny_book):
     dots = re.findall(r'xlink:href="(\.\./runs/[0-9a-f]{16}\.html)"', plot)
     assert len(dots) >= len(tradeoff.declare(get_profile("tiny")))
     assert all((html / "book" / "artefacts" / d).resolve().is_file() for d in dots)
+    # Figure 5: the run behind each teacher's bars, linked under the figure.
+    fig5 = (html / "book" / "artefacts" / "figure5.html").read_text()
+    links = re.findall(r'<a class="kcd-run" href="(\.\./runs/[0-9a-f]{16}\.html)"', fig5)
+    assert len(links) == len(artefacts.notebook_runs("tiny")["figure5"]) > 0
+    assert all((html / "book" / "artefacts" / link).resolve().is_file() for link in links)
     # Every run page is in the table of contents, nothing of this machine is on it, the teacher is a link.
     toc = (out / "_toc.yml").read_text()
     pages = sorted((out / "book" / "runs").glob("*.md"))

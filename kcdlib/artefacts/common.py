@@ -250,6 +250,16 @@ class Figure:
     figure: Any  # matplotlib Figure
     data: pd.DataFrame
     key_numbers: dict[str, float] = field(default_factory=dict)
+    # What each part of the figure shows -> the hashes of the runs it is made of (:func:`run_hashes`).
+    links: dict[str, list[str]] = field(default_factory=dict)
+
+    def runs_html(self) -> str:
+        """One line under the figure linking each part to its runs' pages (kcdlib.runpages)."""
+        from ..runpages import href
+
+        parts = [", ".join(f'<a class="kcd-run" href="{href(h)}">{escape(label, quote=False)}</a>' for h in hashes)
+                 for label, hashes in self.links.items()]  # fmt: skip
+        return f'<p class="kcd-runs">The runs behind the figure: {"; ".join(parts)}.</p>' if parts else ""
 
 
 def values(store: RunStore, configs: Sequence[RunConfig], key: str) -> list[float]:

@@ -13,7 +13,7 @@ import torch
 from .. import condense
 from ..profiles import Profile
 from ..runs import RunConfig, RunStore
-from .common import Artefact, Figure, changed_settings, distill_pair
+from .common import Artefact, Figure, changed_settings, distill_pair, run_hashes
 from .session import Session
 
 
@@ -105,7 +105,8 @@ def build(session: Session, images_per_row: int = 10) -> Figure:
     t4 = data[data["T"] == 4.0].pivot_table(index="teacher", columns="y", values="entropy")
     key = {"entropy_y1": float(t4[1].mean()), "entropy_y0": float(t4[0].mean()),
            "teachers_higher_y0": int((t4[0] > t4[1]).sum()), "teachers": len(t4)}  # fmt: skip
-    return Figure("figure5", caption, fig, data, key)
+    links = {f"{cfg.teacher_arch} → {cfg.arch}": run_hashes(store, [cfg]) for cfg in runs}
+    return Figure("figure5", caption, fig, data, key, links)
 
 
 ARTEFACT = Artefact("figure5", "Figure 5: what the value labels pick", "paper", 80, declare, build)
