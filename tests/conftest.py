@@ -4,8 +4,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from kcdlib.runs import RunStore, distill_config, teacher_config
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # make test runs two pytest processes on two cores: one thread each, or their OpenMP threads spin against each
+    # other (see CHILD_ENV).
+    torch.set_num_threads(1)
 
 # The smoke pair of the test suite: small enough for a 2-core CPU, far apart enough in capacity to distil.
 TEACHER, STUDENT = "resnet20", "resnet8"

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import CHILD_ENV
 
 from kcdlib.cluster import SlurmError, SlurmOptions, ensure_on_slurm, submit, wait
@@ -56,12 +57,18 @@ def slurm():
     subprocess.run([str(START), str(folder)], check=True, env=env, timeout=120)
     print(f"slurm started in {time.perf_counter() - start:.1f} s")
     # Jobs inherit this environment (sbatch's --export=ALL): this cluster, one thread each, this checkout's kcdlib.
+    # The local runs they are compared with train on one thread too: a run's weights depend on the thread count.
+    threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SLURM_CONF", str(folder / "slurm.conf"))
         mp.setenv("OMP_NUM_THREADS", "1")
         mp.setenv("PYTHONPATH", CHILD_ENV.get("PYTHONPATH") or str(Path(__file__).parents[1]))
-        yield folder
-        subprocess.run([str(START), str(folder), "stop"], check=False, timeout=60)
+        torch.set_num_threads(1)
+        try:
+            yield folder
+        finally:
+            torch.set_num_threads(threads)
+            subprocess.run([str(START), str(folder), "stop"], check=False, timeout=60)
     shutil.rmtree(folder, ignore_errors=True)
 
 
