@@ -289,7 +289,9 @@ def test_kcd_book_checks_the_device_first(tmp_path, capsys):
 def test_jupyterlab_opens_the_text_notebooks_as_notebooks(tmp_path, monkeypatch):
     """`make lab` points JupyterLab at .jupyter/, whose settings make jupytext's notebook the default viewer of
     the project's .md notebooks (JupyterLab alone opens them as plain text)."""
-    settings = pytest.importorskip("jupyterlab_server.settings_utils", reason="JupyterLab (the dev and course extras) is not installed")
+    settings = pytest.importorskip(
+        "jupyterlab_server.settings_utils", reason="JupyterLab (the dev and course extras) is not installed"
+    )
     assert "JUPYTER_CONFIG_PATH=$(CURDIR)/.jupyter $(BIN)/jupyter lab" in (book.REPO / "Makefile").read_text()
     monkeypatch.setenv("JUPYTER_CONFIG_PATH", str(book.REPO / ".jupyter"))
     overrides, error = settings._get_overrides(str(tmp_path))  # how JupyterLab's server layers the settings
