@@ -337,14 +337,11 @@ def check_record(record: Any) -> dict[str, Any]:
     has not. (A resealed record can still lie about its numbers: ``kcd runs verify`` re-measures them.)"""
     if not isinstance(record, dict):
         raise Damaged(f"it holds a {type(record).__name__}, not a record")
-    for name, (ok, what) in RECORD_FIELDS.items():
-        if name not in record:
-            raise Damaged(f"it has no '{name}'")
-        if not ok(record[name]):
-            raise Damaged(f"its '{name}' is {str(json.dumps(record[name]))[:40]}, not {what}")
-    for name, (ok, what) in OPTIONAL_RECORD_FIELDS.items():
+    if missing := [name for name in RECORD_FIELDS if name not in record]:
+        raise Damaged(f"it has no '{missing[0]}'")
+    for name, (ok, what) in (RECORD_FIELDS | OPTIONAL_RECORD_FIELDS).items():
         if name in record and not ok(record[name]):
-            raise Damaged(f"its '{name}' is {str(json.dumps(record[name]))[:40]}, not {what}")
+            raise Damaged(f"its '{name}' is {json.dumps(record[name])[:40]}, not {what}")
     return record
 
 
