@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import files
 from .errors import KcdError
 from .files import atomic_write
 from .runs import Damaged, RunConfig, RunStore, digest, read_record
@@ -60,13 +61,11 @@ def _sha256(data: bytes) -> str:
 
 
 def strict_json(data: bytes, what: str) -> Any:
-    def refuse(constant):
-        raise ArchiveError(f"{what}: not strict JSON ({constant})")
-
+    """:func:`kcdlib.files.strict_json` (no NaN, no overflow, bounded depth); a refusal is an :class:`ArchiveError`."""
     try:
-        return json.loads(data.decode(), parse_constant=refuse)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ArchiveError(f"{what}: not JSON ({err})") from None
+        return files.strict_json(data)
+    except files.BadFile as err:
+        raise ArchiveError(f"{what}: {err}") from None
 
 
 # -- export ------------------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import files
 from .errors import BadOption, KcdError
 from .runs import RunConfig, RunStore
 
@@ -283,17 +284,15 @@ SUBMITTED_FILE = "submitted.json"
 
 
 def _remember(logs: str, jobs: dict[str, str]) -> None:
-    from .files import atomic_write
-
     path = Path(logs) / SUBMITTED_FILE
     known = _read_submitted(path)
-    atomic_write(path, (json.dumps({**known, **jobs}, indent=1) + "\n").encode())
+    files.atomic_write(path, (json.dumps({**known, **jobs}, indent=1) + "\n").encode())
 
 
 def _read_submitted(path: Path) -> dict[str, str]:
     try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
+        known = files.read_json(path)
+    except (OSError, ValueError):  # missing, or not strict JSON (files.BadFile)
         return {}
     return (
         {k: v for k, v in known.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(known, dict) else {}

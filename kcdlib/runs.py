@@ -393,11 +393,13 @@ def locked(folder: Path, log: Callable[[str], None]) -> Iterator[None]:
 def _open_folder(folder: Path) -> int:
     """A descriptor of the run folder ``folder`` (made when missing), never of a link."""
     try:
-        for _ in range(3):  # a folder another process's tidy() removed between our mkdir and open: make it again
+        for attempt in range(3):
             folder.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            except FileNotFoundError:  # another process's tidy() removed it between our mkdir and open
+                if attempt == 2:
+                    raise
     except OSError as err:
         if err.errno in (errno.ELOOP, errno.ENOTDIR):
             raise StoreError(f"'{folder}' is a link or a file, not a run folder: refused (nothing is written "
@@ -575,7 +577,7 @@ class RunStore:
                 continue
             if not isinstance(config.get("identity"), dict):
                 continue
-            found.append((folder, record, _difference(config.get("identity", {}), here)))
+            found.append((folder, record, _difference(config["identity"], here)))
         return found
 
     # -- training --------------------------------------------------------------------------------------------

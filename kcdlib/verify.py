@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ import torch
 from . import data as datasets
 from . import files, models
 from .errors import KcdError, StoreError
-from .runs import Damaged, load_tensors, read_record
+from .runs import Damaged, RunStore, load_tensors, read_record
 from .train import evaluate
 
 # The largest final model of the zoo (ResNet50 for ImageNet would be ~100 MB) with room to spare.
@@ -110,33 +111,15 @@ def data_difference(recorded: dict[str, Any], here: dict[str, Any]) -> list[str]
     ]
 
 
-class _Cache:
-    """Datasets and fingerprints read once for all the runs of one verification."""
-
-    def __init__(self, data_root: str, device: torch.device):
-        self.data_root, self.device = data_root, device
-        self.fingerprints: dict[str, dict[str, Any]] = {}
-        self.datasets: dict[tuple[str, str], Any] = {}
-
-    def fingerprint(self, name: str) -> dict[str, Any]:
-        if name not in self.fingerprints:
-            self.fingerprints[name] = datasets.fingerprint(name, self.data_root)
-        return self.fingerprints[name]
-
-    def dataset(self, name: str, decode: str):
-        if (name, decode) not in self.datasets:
-            self.datasets[name, decode] = datasets.load_dataset(name, self.data_root, self.device, decode)
-        return self.datasets[name, decode]
-
-
 def verify_run(
-    folder: str | Path, data_root: str = "data", device: str | torch.device = "cpu", _cache: _Cache | None = None
+    folder: str | Path, data_root: str = "data", device: str | torch.device = "cpu", store: RunStore | None = None
 ) -> Verdict:
     """Check the finished run in ``folder`` against its record (see the module's docstring); never raises for what
     it finds in the folder or the data: the verdict says it."""
     folder = Path(folder)
     device = torch.device(device)
-    cache = _cache or _Cache(data_root, device)
+    # The store reads each dataset and its fingerprint once for all the runs of a verification.
+    store = store or RunStore(folder.parent, data_root, device)
     v = Verdict(run=folder.name)
     # Each check stops the verification when it fails: what follows would rest on it.
     if folder.is_symlink() or not folder.is_dir():
@@ -166,8 +149,8 @@ def verify_run(
     v.checked.append("model sha256")
 
     try:
-        fingerprint = cache.fingerprint(v.dataset)
-        data = cache.dataset(v.dataset, config.get("decode", "pil"))
+        fingerprint = store.fingerprint(v.dataset)
+        data = store.dataset(v.dataset, config.get("decode", "pil"))
     except KcdError as err:
         v.differs.append(f"data: {err}")
         return v
@@ -223,7 +206,7 @@ def finished_runs(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise StoreError(f"no runs folder '{root}'")
-    found = sorted(p for p in root.iterdir() if (p / "record.json").exists() or (p / "record.json").is_symlink())
+    found = sorted(p for p in root.iterdir() if os.path.lexists(p / "record.json"))
     if not found:
         raise StoreError(f"no finished run in '{root}': nothing to verify")
     return found
@@ -236,7 +219,7 @@ def resolve_runs(root: str | Path, runs: Iterable[str]) -> list[Path]:
     for run in runs:
         path = Path(run)
         folder = path if path.is_dir() and (path / "record.json").exists() else root / run
-        if not (folder / "record.json").exists() and not (folder / "record.json").is_symlink():
+        if not os.path.lexists(folder / "record.json"):
             raise StoreError(f"no finished run '{run}' in '{root}' (a run hash, or the folder of a finished run)")
         folders.append(folder)
     return folders
@@ -248,10 +231,10 @@ def verify_store(
     """:func:`verify_run` for every finished run under ``root``, or for ``runs`` (hashes or folders); ``echo``
     gets each verdict's line as it comes."""
     folders = finished_runs(root) if runs is None else resolve_runs(root, list(runs))
-    cache = _Cache(data_root, torch.device(device))
+    store = RunStore(root, data_root, device)
     verdicts = []
     for folder in folders:
-        verdicts.append(verify_run(folder, data_root, device, cache))
+        verdicts.append(verify_run(folder, data_root, device, store))
         if echo is not None:
             echo(verdicts[-1].line())
     return verdicts

@@ -92,9 +92,8 @@ def valid_fingerprint(fp: object, name: str | None = None) -> bool:
 def read_cache(path: str, name: str, key: dict) -> dict | None:
     """The fingerprint in the cache file at ``path`` if it is for ``key``; None for a missing or damaged file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            record = json.loads(f.read(1 << 16))
-    except (OSError, ValueError, RecursionError):
+        record = files.read_json(Path(path), max_bytes=1 << 16)
+    except (OSError, ValueError):  # missing, or not strict JSON (files.BadFile)
         return None
     if not isinstance(record, dict) or record.get("key") != key:
         return None
