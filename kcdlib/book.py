@@ -44,7 +44,8 @@ PARTS = (
     ("Contributing", ("book/contributing",), None, ()),
 )
 # The kernels' own log (a warning at every start that the loopback TCP transport is not encrypted: messages are
-# signed with the session's key, and ipc sockets would be files in the notebooks' folder) stays out of the output.
+# signed with the session's key, and ipc sockets would be files in the notebooks' folder) is kept to errors, and
+# those go to the failing notebook's log file (see _kernel_manager), not to the terminal.
 KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
 # Cells the rendered book does not show: papermill's injected parameters (they hold this machine's absolute paths);
 # and folds: the parameters cell (25 lines before the artefact; a click shows them).
@@ -124,14 +125,22 @@ def execute_notebook(
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise BadOption(f"cannot write the executed notebook to '{target.parent}': {err.strerror}") from None
-    try:
-        papermill.execute_notebook(
-            nb, str(target), parameters=parameters, kernel_name=kernel, progress_bar=False, log_output=log_output,
-            cwd=str(source.parent), extra_arguments=KERNEL_ARGUMENTS,
-        )  # fmt: skip
-    except PapermillExecutionError as err:
-        log = target.with_suffix(".log")
-        log.write_text(re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(err.traceback)) + "\n")
+    with tempfile.TemporaryFile("w+") as kernel_stderr:
+        try:
+            papermill.execute_notebook(
+                nb, str(target), parameters=parameters, kernel_name=kernel, progress_bar=False, log_output=log_output,
+                cwd=str(source.parent), extra_arguments=KERNEL_ARGUMENTS,
+                kernel_manager_class=_kernel_manager(kernel_stderr),
+            )  # fmt: skip
+            error = None
+        except PapermillExecutionError as err:
+            error = err
+        kernel_stderr.seek(0)
+        kernel_log = kernel_stderr.read()
+    if error is not None:
+        err, log = error, target.with_suffix(".log")
+        text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(err.traceback)) + "\n"
+        log.write_text(text + (f"\nThe kernel's own log:\n{kernel_log}" if kernel_log.strip() else ""))
         # papermill counts the injected-parameters cell; the error of one of ours is its message, as the CLI's.
         what = err.evalue.rstrip(".") if err.ename in _kcd_error_names() else f"{err.ename}: {err.evalue.rstrip('.')}"
         raise NotebookFailed(
@@ -144,6 +153,18 @@ def execute_notebook(
         if hide:
             cell.metadata["tags"] = [*tags, *hide]
     nbformat.write(nb, target)
+
+
+def _kernel_manager(stderr):
+    """A kernel manager class whose kernels write their stderr (ipykernel's own log: an interrupt caught while a
+    failed notebook's kernel shuts down, for one) to the open file ``stderr`` instead of this process's."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class KernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            await super()._async_launch_kernel(kernel_cmd, **{**kw, "stderr": stderr})
+
+    return KernelManager
 
 
 def _kcd_error_names() -> set[str]:

@@ -95,6 +95,21 @@ def test_failing_notebook_names_notebook_and_cell(tmp_path):
     assert "Traceback" in log.read_text() or "deliberately broken" in log.read_text()
 
 
+def test_the_kernels_own_log_goes_to_the_failing_notebooks_log_not_the_terminal(tmp_path, capfd):
+    """ipykernel logs to its real stderr (an interrupt caught while a failed notebook's kernel shuts down, at random
+    under load): that line belongs in the notebook's log file, not under kcd's one-line error."""
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell('get_ipython().kernel.log.error("the kernel speaks")\nraise RuntimeError("broken")'),
+    ])  # fmt: skip
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "speaks.ipynb")
+    with pytest.raises(book.NotebookFailed):
+        book.execute_notebook(tmp_path / "speaks.ipynb", tmp_path / "out" / "speaks.ipynb", {})
+    assert "the kernel speaks" not in capfd.readouterr().err
+    assert "the kernel speaks" in (tmp_path / "out" / "speaks.log").read_text()
+
+
 def test_a_notebook_parameter_is_checked_before_any_kernel(tmp_path, capsys):
     """A typo is refused with the closest parameter (papermill would inject it unused and run the defaults)."""
     code = cli.main(["notebook", "table5", "-p", "temprature", "2", "--out", str(tmp_path / "t5.ipynb")])
