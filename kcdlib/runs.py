@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from . import NUMERICS_VERSION, __version__, build, distillers, files, methods, models, provenance
+from . import NUMERICS_VERSION, __version__, distillers, files, methods, models, provenance, trainers
 from . import data as datasets
 from .data import fingerprints
 from .errors import BadOption, CheckpointError, Diverged, KcdError, StaleRun, StoreError
@@ -615,7 +615,7 @@ class RunStore:
             raise StoreError(f"run {self.run_hash(cfg)} is not in the store, and a store rendering from records "
                              "trains nothing: import it (kcd runs import) or build without --from-records")  # fmt: skip
         # Refuse options that do not fit the data before training anything.
-        build.method_for(cfg, self.dataset(cfg.dataset, cfg.decode), self.device, fs_over_ft=1.0)
+        trainers.method_for(cfg, self.dataset(cfg.dataset, cfg.decode), self.device, fs_over_ft=1.0)
         if cfg.teacher is not None:
             self.ensure(cfg.teacher, progress, log)
             self._check_teacher_model(cfg.teacher, progress, log)
@@ -685,15 +685,15 @@ class RunStore:
         if cfg.teacher is None and file_sha256(source) != cfg.teacher_sha256:
             raise CheckpointError(f"the teacher checkpoint '{source}' changed since this run was configured")
         num_classes = self.dataset(cfg.dataset, cfg.decode).num_classes
-        return build.load_teacher(cfg.teacher_arch, source, num_classes, self.device)
+        return trainers.load_teacher(cfg.teacher_arch, source, num_classes, self.device)
 
     def build_trainer(self, cfg: RunConfig, progress: bool = True, alone: bool = False) -> Trainer:
-        """The trainer of ``cfg`` (:func:`kcdlib.build.build_trainer`): this process's part of the run under a
+        """The trainer of ``cfg`` (:func:`kcdlib.trainers.build_trainer`): this process's part of the run under a
         group, unless ``alone`` (a trainer of this process only, to try a checkpoint on while the others wait)."""
         teacher = functools.partial(self.load_teacher, cfg) if cfg.kind == "distill" else None
         group = None if alone else self.group
         data = self.dataset(cfg.dataset, cfg.decode)
-        return build.build_trainer(cfg, data, self.device, teacher, self.compile, group, progress and self.writer)
+        return trainers.build_trainer(cfg, data, self.device, teacher, self.compile, group, progress and self.writer)
 
     def _teacher_quality(self, trainer: Trainer, cfg: RunConfig) -> dict[str, Any] | None:
         """The teacher's test accuracy, measured here; a teacher near chance is most likely the wrong file."""

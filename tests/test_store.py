@@ -537,7 +537,7 @@ def test_a_changed_loss_is_other_code_and_a_comment_is_not():
     changed = source.replace("* temperature**2 /", "* 0.5 * temperature**2 /", 1)
     assert changed != source and provenance.module_digest(changed) != digest
     names = {p.relative_to(provenance.PACKAGE).as_posix() for p in provenance.code_files()}
-    assert {"distillers.py", "train.py", "condense.py", "build.py", "models/resnet.py", "data/device.py"} <= names
+    assert {"distillers.py", "train.py", "condense.py", "trainers.py", "models/resnet.py", "data/device.py"} <= names
     assert not {"runs.py", "cli.py", "book.py", "plan.py"} & names and not any("notebooks" in n for n in names)
 
 
