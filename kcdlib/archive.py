@@ -7,8 +7,8 @@ runs were made on, and the runs the profile needs that the exporting store lacke
 Import trusts nothing in it and runs nothing from it: members must be plain files with the expected names (no
 absolute paths, no ``..``, no links or devices, no other files: a pickle is refused by its name alone) within size
 limits; each file's SHA-256 must be the manifest's; each record must pass its own checksum
-(:func:`kcdlib.runs.read_record`), name its folder, and agree with its ``config.json``, whose identity must hash to
-that name (:func:`kcdlib.runs.digest`, the store's own hash of an identity); a model must be the file its record
+(:func:`kcdlib.records.read_record`), name its folder, and agree with its ``config.json``, whose identity must hash to
+that name (:func:`kcdlib.identity.digest`, the store's own hash of an identity); a model must be the file its record
 names. JSON is parsed strictly (no NaN). Any failure refuses the whole archive with one line, before anything is
 written. Models are later loaded as tensors only (``weights_only=True``), as everything in a store.
 
@@ -35,7 +35,9 @@ from typing import Any
 from . import files
 from .errors import KcdError
 from .files import atomic_write
-from .runs import Damaged, RunConfig, RunStore, digest, read_record
+from .identity import RunConfig, digest
+from .records import Damaged, read_record
+from .runs import RunStore
 
 FORMAT = "kcd-runs/1"
 # What an archive may hold, and how large each file may be.

@@ -22,10 +22,11 @@ from .data import DECODES
 from .distillers import DISTILLERS
 from .errors import BadOption, KcdError
 from .fastpath import COMPILE_MODES, PRECISIONS
+from .identity import MAX_SEED, RunConfig, distill_config, teacher_config
 from .methods import METHODS
 from .options import device as resolve_device
 from .profiles import published_teachers
-from .runs import MAX_SEED, RunConfig, RunStore, distill_config, teacher_config
+from .runs import RunStore
 from .verify import VerificationFailed, summary, verify_store
 
 EXIT_FAILED = 1  # a check failed (kcd runs verify, kcd book --verify)

@@ -41,7 +41,8 @@ from typing import Any
 
 from . import files
 from .errors import BadOption, KcdError
-from .runs import RunConfig, RunStore
+from .identity import RunConfig
+from .runs import RunStore
 
 # Runs that need a whole node of GPUs (trained under torchrun's rules inside the allocation).
 WHOLE_NODE_DATASETS = ("imagenet",)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -37,6 +38,15 @@ def failpoint(point: str) -> None:
     name, _, count = _KILL_AT.rpartition(":")
     if name == point and str(_passes[point]) == count:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's content, read in 1 MiB chunks (a checkpoint, a data split); raises ``OSError``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def kind(path: Path) -> str:

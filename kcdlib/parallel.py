@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from .runs import RunConfig, RunStore
+from .identity import RunConfig
+from .runs import RunStore
 
 _store: RunStore | None = None
 

@@ -37,9 +37,10 @@ from .data import DeviceDataset
 from .distillers import DistillContext
 from .distillers import build as build_distiller
 from .errors import DatasetInvalid, DatasetMissing
+from .identity import RunConfig
 from .profiles import Profile, get_profile
 from .recipe import Recipe
-from .runs import RunConfig, RunStore
+from .runs import RunStore
 from .train import Trainer, evaluate
 
 # -- the recorded H200 figures -------------------------------------------------------------------------------

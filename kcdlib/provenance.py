@@ -1,6 +1,6 @@
 """Which code made a run: a digest of the code that decides its numbers, and the checkout it was loaded from.
 
-The digest is part of every run's identity (:meth:`kcdlib.runs.RunStore.identity`), so a change to a loss, the
+The digest is part of every run's identity (:func:`kcdlib.identity.identity`), so a change to a loss, the
 engine, a schedule, the data pipeline or an architecture makes every run it could change another run, without
 anyone remembering to bump :data:`kcdlib.NUMERICS_VERSION` (which stays, for changes outside these modules).
 

@@ -17,7 +17,10 @@ from typing import Any
 
 from . import data as datasets
 from . import distillers, methods
-from .runs import Damaged, RunConfig, RunStore, read_record, run_folder
+from .folders import run_folder
+from .identity import RunConfig
+from .records import Damaged, read_record
+from .runs import RunStore
 
 # Where the pages go in the book tree, and the HTML page a table cell links to, relative to an artefact's page.
 FOLDER = "book/runs"

@@ -1,5 +1,5 @@
 """Is the run store's lock good across nodes here? Several Slurm jobs on several nodes share one run store, and
-two trainers on one run are kept apart by ``flock`` on the run's folder (:func:`kcdlib.runs.locked`). That lock
+two trainers on one run are kept apart by ``flock`` on the run's folder (:func:`kcdlib.folders.locked`). That lock
 holds across nodes on a local file system (one node), on NFS (v4; v3 through the NLM lock manager) unless it is
 mounted with ``local_lock=flock|all`` or ``nolock`` (then each node locks alone), and on Lustre only when it is
 mounted with ``-o flock`` (``localflock`` locks per node; without either, flock fails). :func:`check_lock`

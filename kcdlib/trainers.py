@@ -28,7 +28,7 @@ def load_teacher(arch: str, source: str, num_classes: int, device: torch.device)
 
 
 def method_for(cfg, data, device: torch.device, fs_over_ft: float, group=None) -> methods.Method:
-    """The method of run ``cfg`` (:class:`kcdlib.runs.RunConfig`) on ``data``; ``fs_over_ft`` is the student's
+    """The method of run ``cfg`` (:class:`kcdlib.identity.RunConfig`) on ``data``; ``fs_over_ft`` is the student's
     forward cost over the teacher's, ``F_s/F_t``."""
     context = methods.MethodContext(
         num_points=data.num_train,

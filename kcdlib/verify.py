@@ -1,6 +1,6 @@
 """Numbers you can verify: each stored final model re-evaluated on its test split against its record.
 
-A record's checksum (:func:`kcdlib.runs.read_record`) proves only that the record is the one that was sealed; anyone
+A record's checksum (:func:`kcdlib.records.read_record`) proves only that the record is the one that was sealed; anyone
 can seal another. :func:`verify_run` checks what the book's numbers stand on, in one pass over the test split:
 
 - the record reads with its checksum, and its ``hash`` is its folder's name;
@@ -36,7 +36,8 @@ import torch
 from . import data as datasets
 from . import files, models
 from .errors import KcdError, StoreError
-from .runs import Damaged, RunStore, load_tensors, read_record
+from .records import Damaged, load_tensors, read_record
+from .runs import RunStore
 from .train import evaluate
 
 # The largest final model of the zoo (ResNet50 for ImageNet would be ~100 MB) with room to spare.

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from kcdlib.runs import RunStore, distill_config, teacher_config
+from kcdlib.identity import distill_config, teacher_config
+from kcdlib.runs import RunStore
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # make test runs two pytest processes on two cores: one thread each, or their OpenMP threads spin against each

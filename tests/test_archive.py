@@ -17,7 +17,9 @@ from kcdlib.archive import export_runs, import_runs, recorded_code, recorded_fin
 from kcdlib.cli import main
 from kcdlib.cluster import book_runs
 from kcdlib.errors import DatasetMissing, StoreError
-from kcdlib.runs import RunStore, distill_config, sealed, write_json
+from kcdlib.identity import distill_config
+from kcdlib.records import sealed, write_json
+from kcdlib.runs import RunStore
 
 pytestmark = pytest.mark.slow
 NOTEBOOK = "table5"  # one run of the tiny profile, and the suite's digits teacher

@@ -21,7 +21,7 @@ from kcdlib import artefacts, book, cli, cost, models, profiles, reference
 from kcdlib.artefacts import common, tradeoff
 from kcdlib.errors import UnknownName
 from kcdlib.profiles import get_profile
-from kcdlib.runs import read_record
+from kcdlib.records import read_record
 
 pytestmark = pytest.mark.slow
 

@@ -224,13 +224,13 @@ def test_a_reused_run_says_when_it_was_trained(tmp_path, capsys, store, digits_t
 
 def test_keep_stale_prints_the_record_it_reused(tmp_path, capsys, monkeypatch):
     """The last line (and the notice) name the record.json reused, not the folder the new numerics would use."""
-    import kcdlib.runs
+    import kcdlib.identity
 
     args = ["teacher", "--dataset", "digits", "--arch", "resnet8", "--epochs", "1", "--runs-dir", str(tmp_path),
             "--device", "cpu", "--no-progress"]  # fmt: skip
     old = run_main(capsys, *args).stdout.strip().splitlines()[-1]
     assert old.endswith("record.json") and os.path.isfile(old)
-    monkeypatch.setattr(kcdlib.runs, "NUMERICS_VERSION", kcdlib.runs.NUMERICS_VERSION + 1)
+    monkeypatch.setattr(kcdlib.identity, "NUMERICS_VERSION", kcdlib.identity.NUMERICS_VERSION + 1)
     proc = run_main(capsys, *args, "--keep-stale")
     assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == old
     assert f"kcd: reused {old} (trained" in proc.stderr, proc.stderr

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import kcdlib.data.fingerprints as fingerprints_module
+import kcdlib.files
 from kcdlib.data import crop_flip, fingerprint, load_cifar100, load_dataset, load_digits, read_cifar100_split
 from kcdlib.errors import DatasetInvalid, DatasetMissing, KcdError, UnknownName
 
@@ -382,8 +383,8 @@ def test_imagenet_fingerprint_cache_is_the_users_own_and_keyed_by_ctime(tmp_path
     assert json.loads(Path(cache).read_text())["fingerprint"] == fp and cache.startswith(str(tmp_path / "xdg"))
     assert sorted(p.name for p in (tmp_path / "imagenet").iterdir()) == ["train", "val"]
     hashed = []
-    sha256_file = fingerprints_module.sha256_file
-    monkeypatch.setattr(fingerprints_module, "sha256_file", lambda path: hashed.append(path) or sha256_file(path))
+    sha256_file = kcdlib.files.sha256_file
+    monkeypatch.setattr(kcdlib.files, "sha256_file", lambda path: hashed.append(path) or sha256_file(path))
     assert fingerprint("imagenet", str(tmp_path)) == fp and hashed == []
     # A planted cache beside the data, holding another hash: not read.
     planted = {"key": json.loads(Path(cache).read_text())["key"], "fingerprint": {**fp, "test_sha256": "0" * 64}}

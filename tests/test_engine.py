@@ -12,8 +12,9 @@ from conftest import CHILD_ENV, STUDENT, TEACHER_EPOCHS, copy_run, short_kd
 from kcdlib.condense import softmax_entropy
 from kcdlib.data import spec
 from kcdlib.fastpath import StepGraph
+from kcdlib.identity import distill_config
 from kcdlib.methods import Method, MethodContext
-from kcdlib.runs import RunStore, distill_config
+from kcdlib.runs import RunStore
 from kcdlib.train import Recipe, Trainer
 
 VOLATILE = {"wall_seconds", "seconds"}

@@ -12,7 +12,8 @@ from kcdlib import cli
 from kcdlib.data import IMAGENET_MEAN, IMAGENET_STD, check_decode, load_dataset
 from kcdlib.data import gpu_decode as gd
 from kcdlib.errors import BadOption
-from kcdlib.runs import RunStore, distill_config, teacher_config
+from kcdlib.identity import distill_config, teacher_config
+from kcdlib.runs import RunStore
 
 # (width, height) of the generated training JPEGs: ImageNet-like landscape and portrait, small, very wide.
 SIZES = [(500, 375), (375, 500), (300, 200), (240, 60)]

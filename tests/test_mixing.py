@@ -13,7 +13,9 @@ from kcdlib import condense, data
 from kcdlib.data import ImageNetData
 from kcdlib.data.mixing import MixedImageFolder, MixRecipes, fit
 from kcdlib.errors import CheckpointError
-from kcdlib.runs import RunStore, distill_config, load_tensors, teacher_config, tensor_bytes
+from kcdlib.identity import distill_config, teacher_config
+from kcdlib.records import load_tensors, tensor_bytes
+from kcdlib.runs import RunStore
 from kcdlib.train import Trainer
 
 CLASSES, PER_CLASS, SIDE = ("n01", "n02", "n03"), 10, 16  # 30 knowledge points

@@ -18,7 +18,8 @@ import torch
 from conftest import CHILD_ENV
 
 from kcdlib.cluster import SlurmError, SlurmOptions, ensure_on_slurm, submit, wait
-from kcdlib.runs import RunStore, distill_config, teacher_config
+from kcdlib.identity import distill_config, teacher_config
+from kcdlib.runs import RunStore
 
 pytestmark = pytest.mark.slow
 START = Path(__file__).parent / "slurm" / "start.sh"

@@ -21,13 +21,19 @@ import torch
 from conftest import CHILD_ENV, STUDENT, TEACHER_EPOCHS, copy_run, run_cli, short_kd
 
 import kcdlib.data
+import kcdlib.files
+import kcdlib.identity
+import kcdlib.records
 import kcdlib.runs
 from kcdlib import distillers, files, provenance
 from kcdlib.artefacts import common
 from kcdlib.cli import build_parser, config_from_args
 from kcdlib.errors import Diverged, StaleRun, StoreError
+from kcdlib.folders import locked
+from kcdlib.identity import distill_config, teacher_config
 from kcdlib.profiles import get_profile
-from kcdlib.runs import RunStore, StoreWarning, distill_config, file_sha256, locked, sha16, teacher_config
+from kcdlib.records import sha16
+from kcdlib.runs import RunStore, StoreWarning
 from kcdlib.train import Trainer
 
 # What differs between two runs of one configuration: when and how fast they ran, the checksum over that, and the
@@ -379,7 +385,7 @@ def test_teacher_weights_gone_or_changed_are_trained_again(small_teacher, tmp_pa
     why = "missing" if change == "deleted" else "not the file its record names"
     with pytest.warns(StoreWarning, match=rf"{re.escape(str(weights))} are {why}"):
         st.ensure(student, progress=False)
-    assert file_sha256(weights) == small_teacher.record["model_sha256"]
+    assert kcdlib.files.sha256_file(weights) == small_teacher.record["model_sha256"]
     assert (folder / "record.json.damaged").exists()
     assert stable(st.record(small_teacher.cfg)) == stable(small_teacher.record)
     assert st.record(student) is not None
@@ -389,7 +395,7 @@ def test_teacher_weights_gone_or_changed_are_trained_again(small_teacher, tmp_pa
 def test_record_of_other_numerics_is_stale(small_teacher, tmp_path, monkeypatch):
     st, old = small_teacher.copy(tmp_path)
     cfg, root = small_teacher.cfg, st.root
-    monkeypatch.setattr(kcdlib.runs, "NUMERICS_VERSION", kcdlib.runs.NUMERICS_VERSION + 1)
+    monkeypatch.setattr(kcdlib.identity, "NUMERICS_VERSION", kcdlib.identity.NUMERICS_VERSION + 1)
     assert RunStore(root).path(cfg) != old
     with pytest.raises(StaleRun) as err:
         RunStore(root).ensure(cfg, progress=False)
@@ -622,7 +628,7 @@ def test_malformed_records_are_set_aside_and_one_folder_never_blocks_the_store(k
     text = (run / "record.json").read_text()
     for bad, why in (
         (text.replace('"final_top1": ', '"final_top1": NaN, "x": ', 1), "bare NaN"),
-        (json.dumps(kcdlib.runs.sealed({**kd_run.record, "final_top1": "99.9"})), "'final_top1' is \"99.9\""),
+        (json.dumps(kcdlib.records.sealed({**kd_run.record, "final_top1": "99.9"})), "'final_top1' is \"99.9\""),
     ):
         (run / "record.json").write_text(bad)
         assert RunStore(st.root).record(small_teacher.cfg) is not None

@@ -13,7 +13,7 @@ from conftest import STUDENT
 from kcdlib import artefacts, condense, distillers
 from kcdlib.artefacts import five_minutes
 from kcdlib.errors import BadOption
-from kcdlib.runs import distill_config
+from kcdlib.identity import distill_config
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "kcd_in_five_minutes.md"
 

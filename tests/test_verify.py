@@ -10,7 +10,7 @@ from conftest import copy_run, run_cli, short_kd
 import kcdlib.data
 from kcdlib import cli, verify
 from kcdlib.book import build_book
-from kcdlib.runs import read_record, sealed
+from kcdlib.records import read_record, sealed
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from ..identity import RunConfig
 from ..options import check_name
 from ..profiles import Profile, get_profile
-from ..runs import RunConfig
 from .common import Artefact, Figure, Table, unique
 from .session import Session, setup
 

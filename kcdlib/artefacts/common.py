@@ -19,9 +19,10 @@ import pandas as pd
 
 from .. import condense, cost, distillers, models
 from .. import data as datasets
+from ..identity import RunConfig, distill_config, teacher_config
 from ..methods import METHODS
 from ..profiles import Profile, get_profile
-from ..runs import RunConfig, RunStore, distill_config, teacher_config
+from ..runs import RunStore
 
 if TYPE_CHECKING:
     from .session import Session

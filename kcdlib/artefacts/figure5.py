@@ -11,8 +11,9 @@ import pandas as pd
 import torch
 
 from .. import condense
+from ..identity import RunConfig
 from ..profiles import Profile
-from ..runs import RunConfig, RunStore
+from ..runs import RunStore
 from .common import Artefact, Figure, changed_settings, distill_pair, run_hashes
 from .session import Session
 

@@ -22,8 +22,10 @@ import torch
 
 from .. import condense
 from .. import data as datasets
+from ..identity import RunConfig
 from ..profiles import Profile, get_profile
-from ..runs import RunConfig, RunStore, atomic_write
+from ..records import atomic_write
+from ..runs import RunStore
 from .common import Artefact, Table, distill, fmt, mean_sd, percent, resolution, seeds
 
 

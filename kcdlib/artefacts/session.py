@@ -15,8 +15,9 @@ from .. import distillers, methods, options
 from ..archive import FROM_RECORDS_ENV, recorded_code, recorded_fingerprints
 from ..errors import BadOption
 from ..fastpath import COMPILE_MODES
+from ..identity import MAX_SEED, RunConfig
 from ..profiles import Profile, get_profile, published_teachers
-from ..runs import MAX_SEED, RunConfig, RunStore
+from ..runs import RunStore
 from .common import non_default_options, unique
 
 # The course's knobs: notebook parameter -> the distiller option it sets (every distiller that has it; UNIX's own

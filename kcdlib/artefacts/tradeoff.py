@@ -18,9 +18,9 @@ from typing import Any
 import pandas as pd
 
 from .. import condense, reference
+from ..identity import RunConfig
 from ..profiles import Profile
 from ..runpages import href
-from ..runs import RunConfig
 from . import table1, table2, table3, table4, table5, table6, table7
 from .common import KCD_RHO, Artefact, Table, mean_sd, percent, run_hashes, values
 from .session import Session

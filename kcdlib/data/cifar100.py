@@ -9,8 +9,8 @@ import pickle
 import numpy as np
 import torch
 
+from .. import files
 from ..errors import DatasetInvalid, DatasetMissing
-from . import fingerprints
 from .device import DeviceDataset
 
 try:
@@ -163,8 +163,8 @@ def cifar100_fingerprint(root: str) -> dict:
             "name": "cifar100",
             "num_train": len(_load_cifar100_split(train)[1]),
             "num_test": len(_load_cifar100_split(test)[1]),
-            "train_sha256": fingerprints.sha256_file(train),
-            "test_sha256": fingerprints.sha256_file(test),
+            "train_sha256": files.sha256_file(train),
+            "test_sha256": files.sha256_file(test),
         }
     except OSError as err:
         raise DatasetMissing(f"CIFAR-100 under '{os.path.abspath(folder)}' could not be read: {err}") from err

@@ -30,14 +30,6 @@ FINGERPRINT_FIELDS = ("name", "num_train", "num_test", "train_sha256", "test_sha
 SETTLED_NS = 2_000_000_000
 
 
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def stat_key(folder: str, relative: list[str]) -> tuple[dict, bool]:
     """The cache key of the files ``relative`` to ``folder`` (a digest of each one's device, inode, size, mtime
     and ctime), and whether they had all settled when it was taken."""

@@ -11,7 +11,7 @@ to uint8, as PIL's would be). The test split is torchvision's ``Resize(256)`` (a
 uint8 as PIL's is) and ``CenterCrop(224)``.
 
 These are not PIL's pixels (nvjpeg's IDCT is not libjpeg's, a tensor resize is not PIL's), so the decode path is a
-run option (:class:`kcdlib.runs.RunConfig`), not a speed setting. On a CPU device the same code runs with
+run option (:class:`kcdlib.identity.RunConfig`), not a speed setting. On a CPU device the same code runs with
 torchvision's libjpeg-turbo decoder: that is how it is tested without a GPU.
 
 Files nvjpeg cannot take (not JPEG, CMYK, or refused when decoded) are decoded on the CPU in RGB and moved to the

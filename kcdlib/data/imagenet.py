@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import torch
 
+from .. import files
 from ..errors import BadOption, DatasetInvalid, DatasetMissing
 from . import fingerprints
 from .device import Batch, batch_part, epoch_generator
@@ -17,7 +18,7 @@ from .mixing import MixedImageFolder, MixRecipes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# How training images are decoded and augmented: a run option (the pixels differ), see kcdlib.runs.RunConfig.
+# How training images are decoded and augmented: a run option (the pixels differ), see kcdlib.identity.RunConfig.
 DECODES = ("pil", "gpu")
 
 
@@ -204,7 +205,7 @@ def imagenet_fingerprint(root: str) -> dict:
             where = os.path.join(folder, split)
             for rel in tqdm(listing[split], desc=f"fingerprinting imagenet {split}", unit="img", dynamic_ncols=True):
                 # Path and content hash per file: renaming a class or moving an image changes the fingerprint.
-                content = fingerprints.sha256_file(os.path.join(where, rel))
+                content = files.sha256_file(os.path.join(where, rel))
                 digest.update(os.fsencode(rel) + b"\0" + bytes.fromhex(content))
             return digest.hexdigest()
 
