@@ -28,6 +28,7 @@ from pathlib import Path
 
 from . import artefacts
 from .archive import recorded_env, write_provenance
+from .buildoptions import NOTEBOOK_DEFAULTS, BuildOptions
 from .errors import BadOption, KcdError
 from .options import device as resolve_device
 from .profiles import get_profile
@@ -89,8 +90,10 @@ def declared_parameters(nb) -> list[str]:
 
 def check_parameters(name: str, nb, parameters: dict) -> None:
     """Refuse a parameter the notebook does not declare (papermill would inject it, unused, and run the defaults):
-    name it and the closest declared one."""
+    name it and the closest declared one. A notebook that declares ``build`` takes every build option too."""
     declared = declared_parameters(nb)
+    if "build" in declared:
+        declared += BuildOptions.names()
     for given in parameters:
         if given not in declared:
             close = difflib.get_close_matches(given, declared, n=1)
@@ -231,55 +234,49 @@ class Progress:
 
 
 def build_book(
-    profile: str = "smoke",
-    data_root: str = "data",
-    device: str | None = None,
-    runs_dir: str | Path | None = None,
+    build: BuildOptions,
     out: str | Path | None = None,
     notebooks_dir: Path | None = None,
     names: tuple[str, ...] | None = None,
     html: bool = True,
     echo=print,
     jobs: int = 1,
-    devices: list[str] | None = None,
-    jobs_per_device: int = 1,
-    compile: str = "off",
-    stale: str = "stop",
-    teachers_dir: str | None = None,
-    schedule: dict[str, int] | None = None,
     slurm=None,
     wait: bool = True,
     from_records: bool = False,
     verify: bool = False,
 ) -> Path | None:
-    """Execute the notebooks of ``profile`` into ``out/book/artefacts/`` and build ``out/_build/html``.
+    """Execute the notebooks of the build ``build`` (:class:`~kcdlib.buildoptions.BuildOptions`: the profile, the
+    data and the run store, where missing runs train, a shorter schedule, the knobs) into
+    ``out/book/artefacts/`` and build ``out/_build/html``.
 
     ``out`` defaults to the checkout itself; another folder gets a copy of the book's sources first (the test
     suite builds into a temporary folder). Either way ``out/_toc.yml`` is written from the registry. Returns the
     HTML folder (or the artefacts folder without ``html``). ``names`` (default: every registered artefact) are
-    executed, ``jobs`` at a time (their runs are shared safely: the run store locks each run); inside a notebook,
-    missing runs are trained ``jobs_per_device`` at a time on each of ``devices``. ``teachers_dir`` holds
-    published teachers; ``schedule`` overrides the profile's ``epochs``, ``stage_epochs`` and ``teacher_epochs``
-    (a rehearsal of a long profile). ``slurm`` (:class:`kcdlib.cluster.SlurmOptions`) trains the missing runs on
-    a Slurm cluster first (:mod:`kcdlib.cluster`); without ``wait`` it submits them and returns None.
-    ``from_records`` renders from the store alone (:mod:`kcdlib.archive`). ``verify``: once the notebooks ran,
-    every finished run of ``runs_dir`` is re-evaluated (:func:`kcdlib.verify.verify_or_fail`) and a failure fails
-    the build. The device is checked first: a profile's CUDA on a machine without one is a one-line
-    :class:`~kcdlib.errors.BadOption`, not a traceback from inside a notebook."""
-    p = get_profile(profile)
+    executed, ``jobs`` at a time (their runs are shared safely: the run store locks each run). ``slurm``
+    (:class:`kcdlib.cluster.SlurmOptions`) trains the missing runs on a Slurm cluster first (:mod:`kcdlib.cluster`);
+    without ``wait`` it submits them and returns None. ``from_records`` renders from the store alone
+    (:mod:`kcdlib.archive`). ``verify``: once the notebooks ran, every finished run of the store is re-evaluated
+    (:func:`kcdlib.verify.verify_or_fail`) and a failure fails the build. The device is checked first: a
+    profile's CUDA on a machine without one is a one-line :class:`~kcdlib.errors.BadOption`, not a traceback from
+    inside a notebook."""
+    p = get_profile(build.profile)
     try:
-        device = resolve_device(device or p.device)
+        device = resolve_device(build.device or p.device)
     except BadOption as err:
-        raise BadOption(f"profile '{p.name}' runs on {p.device}: {err} (kcd book --device cpu)" if device is None
+        raise BadOption(f"profile '{p.name}' runs on {p.device}: {err} (kcd book --device cpu)" if build.device is None
                         else str(err)) from None  # fmt: skip
-    for d in devices or []:
-        resolve_device(d)
     names = notebooks() if names is None else tuple(names)
     out = Path(out or REPO).resolve()
     notebooks_dir = Path(notebooks_dir or REPO / "notebooks")
-    runs_dir = Path(runs_dir or REPO / "runs").resolve()
+    # The notebooks run in notebooks/: every path they get is absolute.
+    build = build.with_(
+        runs_dir=str(Path(build.runs_dir).resolve()), data_root=str(Path(build.data_root).resolve()), device=device,
+        teachers_dir=str(Path(build.teachers_dir).resolve()) if build.teachers_dir else None, book_root=str(out),
+    )  # fmt: skip
+    runs_dir = Path(build.runs_dir)
     if not from_records:  # rendering from records needs no data
-        check_data(p, names, data_root)
+        check_data(p, names, build.data_root)
     if out.exists() and not out.is_dir():
         raise BadOption(f"--out '{out}' is a file, not a folder: choose another")
     try:
@@ -299,23 +296,10 @@ def build_book(
         where = f" ('{err.filename}')" if err.filename and Path(err.filename) != out else ""
         raise BadOption(f"cannot build the book in '{out}'{where}: {err.strerror} (choose another --out)") from None
     book_artefacts = out / "book" / "artefacts"
-    parameters = {
-        "profile": p.name,
-        "data_root": str(Path(data_root).resolve()),
-        "runs_dir": str(runs_dir),
-        "device": device,
-        "devices": devices,
-        "jobs_per_device": jobs_per_device,
-        "compile_mode": compile,
-        "stale": stale,
-        "teachers_dir": str(Path(teachers_dir).resolve()) if teachers_dir else None,
-        "book_root": str(out),
-        **(schedule or {}),
-    }
     if slurm is not None or from_records:  # the runs first: on the cluster, or checked to be in the store
         from .cluster import runs_before_notebooks
 
-        if not runs_before_notebooks(p.name, names, parameters, slurm, wait, from_records, echo):
+        if not runs_before_notebooks(build, names, slurm, wait, from_records, echo):
             return None
     start = time.perf_counter()
     with (
@@ -330,8 +314,9 @@ def build_book(
             echo(f"{prefix}: executing ...")
             progress.start(name, prefix)
             try:
+                build_of = build.with_(progress_file=str(progress.file(name)))
                 execute_notebook(notebooks_dir / f"{name}.md", book_artefacts / f"{name}.ipynb",
-                                 {**parameters, "progress_file": str(progress.file(name))})  # fmt: skip
+                                 {"build": build_of.as_parameters()})  # fmt: skip
             finally:
                 progress.done(name)
             echo(f"{prefix}: done in {time.perf_counter() - t:.0f} s")
@@ -349,10 +334,10 @@ def build_book(
     if verify:
         from .verify import verify_or_fail
 
-        verify_or_fail(runs_dir, data_root, device, echo)
+        verify_or_fail(runs_dir, build.data_root, device, echo)
     if not html:
         return book_artefacts
-    (out / "_toc.yml").write_text(toc(names, write_run_pages(p.name, parameters, names, out, echo)))
+    (out / "_toc.yml").write_text(toc(names, write_run_pages(build, names, out, echo)))
     return build_html(out, echo)
 
 
@@ -375,23 +360,26 @@ def run_notebook(name: str, parameters: dict, target: str | Path, echo=print) ->
         raise BadOption(f"no notebook '{name}'" + (f" (did you mean '{close[0]}'?)" if close else "")
                         + f": one of {', '.join(notebooks())}")  # fmt: skip
     target = Path(target).resolve()
+    build = dict(parameters.get("build") or {})
+    build.update({k: v for k, v in parameters.items() if k in BuildOptions.names()})
+    own = {k: v for k, v in parameters.items() if k != "build" and k not in BuildOptions.names()}
+    BuildOptions.from_mapping({**NOTEBOOK_DEFAULTS, **build})  # checked before any kernel starts
     with tempfile.TemporaryDirectory(prefix="kcd-progress-") as folder, Progress(Path(folder), echo) as progress:
         progress.start(name, name)
         try:
             execute_notebook(REPO / "notebooks" / f"{name}.md", target,
-                             {**parameters, "progress_file": str(progress.file(name))})  # fmt: skip
+                             {**own, "build": {**build, "progress_file": str(progress.file(name))}})  # fmt: skip
         finally:
             progress.done(name)
     return target
 
 
-def write_run_pages(profile: str, parameters: dict, names: tuple[str, ...], out: Path, echo=print) -> tuple[str, ...]:
+def write_run_pages(build: BuildOptions, names: tuple[str, ...], out: Path, echo=print) -> tuple[str, ...]:
     """A page per run the notebooks ``names`` read (:mod:`kcdlib.runpages`), their profile set up as a notebook
-    sets it up (same parameters), so a cell's link names the very run the cell read."""
+    sets it up (the same build), so a cell's link names the very run the cell read."""
     from . import runpages
 
-    keys = ("runs_dir", "data_root", "device", "stale", "teachers_dir", "epochs", "stage_epochs", "teacher_epochs")
-    session = artefacts.setup(profile, **{k: parameters[k] for k in keys if k in parameters})
+    session = artefacts.setup(build)
     configs = [c for n in names for c in artefacts.get(n).runs(artefacts.get(n).notebook_profile(session.profile))]
     return tuple(runpages.write(session.store, configs, out, echo))
 

@@ -18,6 +18,7 @@ import textwrap
 import warnings
 
 from . import archive, cluster, distributed, models
+from .buildoptions import KNOB_HELP, KNOBS, BuildOptions
 from .data import DECODES
 from .distillers import DISTILLERS
 from .errors import BadOption, KcdError
@@ -63,6 +64,14 @@ def add_stale(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--keep-stale", action="store_const", dest="stale", const="keep",
                    help="reuse such a record as it is")  # fmt: skip
+
+
+def add_knobs(group, *owners: str) -> None:
+    """The loss and KCD knobs (:data:`kcdlib.buildoptions.KNOBS`) of ``owners`` as flags: ``--kd-weight`` sets the
+    option ``kd_weight``, one name from the flag to the record."""
+    for name, (owner, _) in KNOBS.items():
+        if owner in owners:
+            group.add_argument(f"--{name.replace('_', '-')}", type=float, help=KNOB_HELP[name])
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -130,8 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--teachers-dir", help="with --teacher: use RepDistiller's published checkpoint of that "
                    "architecture (<arch>_vanilla/ckpt_epoch_240.pth) when the folder holds one")  # fmt: skip
     k = d.add_argument_group("KCD (--method kcd)")
-    k.add_argument("--rho", type=float, help="final condensation ratio ρ (default 0.7)")
-    k.add_argument("--alpha", type=float, help="cost-aware exponent α of (F/T)^α·V (default 0.03)")
+    add_knobs(k, "kcd")
     k.add_argument(
         "--stage-epochs", type=at_least(1), help="epochs per stage T (default: epochs/6, the paper's 40 of 240)"
     )
@@ -148,11 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--unix-k", type=at_least(1), help="samples distilled per batch k (default 48)")
     u.add_argument("--unix-b", type=at_least(1), help="mixup mask centre b (default 32)")
     u.add_argument("--unix-w", type=float, help="mixup mask steepness w (default 10)")
-    w = d.add_argument_group("loss (the distiller's options; defaults: the paper's for each distiller)")
-    w.add_argument("--gamma", type=float, help="weight γ of the cross-entropy with the labels (KD 0.1, PKT/CRD 1)")
-    w.add_argument("--kd-alpha", type=float, help="weight α of the KD term (KD 0.9)")
-    w.add_argument("--beta", type=float, help="weight β of the feature term (PKT 30000, CRD 0.8)")
-    w.add_argument("--temperature", type=float, help="KD temperature T (4)")
+    add_knobs(d.add_argument_group("loss (the distiller's options; defaults: the paper's for each distiller)"), "loss")
     add_common(d)
 
     sub.add_parser("models", help="list the architectures")
@@ -176,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--epochs", type=at_least(1), help="epochs of every run (Table 3's too)")
     o.add_argument("--stage-epochs", type=at_least(1), help="KCD's stage length T (epochs must be a multiple)")
     o.add_argument("--teacher-epochs", type=at_least(1), help="epochs of the teachers trained here")
+    add_knobs(b.add_argument_group("the course's knobs: run options of every run they apply to (another value is "
+                                   "another run, trained once)"), "loss", "kcd")  # fmt: skip
     b.add_argument("--plan", action="store_true", help="train nothing: list the runs the book needs, which the run "
                    "store holds, and their estimated device time (a few steps timed on --device)")  # fmt: skip
     b.add_argument("--verify", action="store_true", help="after the notebooks, re-evaluate every finished run of "
@@ -208,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("-y", "--yaml", action="append", default=[], help="parameters as YAML, for lists: 'seeds: [0, 1]'")
     n.add_argument("--out", help="the executed notebook (default: NAME.ipynb here)")
     return parser
+
+
+def build_options(args, repo) -> BuildOptions:
+    """``kcd book``'s flags as the build's options: each flag is the field of its name."""
+    given = {k: v for k, v in vars(args).items() if k in BuildOptions.names() and v is not None}
+    given["runs_dir"] = args.runs_dir or str(repo / "runs")
+    if args.devices:
+        given["devices"] = args.devices.split(",")
+    return BuildOptions.from_mapping(given)
 
 
 def notebook_value(text: str):
@@ -245,12 +260,14 @@ def guess_arch(path: str) -> str:
     return max(matches, key=len)
 
 
+# The flags of `kcd distill` -> the options they set: the knobs' own (kcdlib.buildoptions.KNOBS), and the rest.
+DISTILLER_FLAGS = {name: option for name, (owner, option) in KNOBS.items() if owner == "loss"}
 METHOD_FLAGS = {
-    "kcd": {"rho": "rho", "alpha": "alpha", "stage_epochs": "stage_epochs", "schedule": "schedule",
-            "augment": "augment", "eps_m": "eps_m", "value": "value"},
+    "kcd": {**{name: option for name, (owner, option) in KNOBS.items() if owner == "kcd"},
+            "stage_epochs": "stage_epochs", "schedule": "schedule", "augment": "augment", "eps_m": "eps_m",
+            "value": "value"},
     "unix": {"unix_k": "k", "unix_b": "b", "unix_w": "w"},
 }  # fmt: skip
-DISTILLER_FLAGS = {"gamma": "gamma", "kd_alpha": "alpha", "beta": "beta", "temperature": "temperature"}
 
 
 def distiller_options(args) -> dict:
@@ -387,22 +404,21 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "book":
             from .book import REPO, build_book
 
-            device = resolve_device(args.device) if args.device else None
-            devices = [resolve_device(d) for d in args.devices.split(",")] if args.devices else None
-            schedule = {k: getattr(args, k) for k in ("epochs", "stage_epochs", "teacher_epochs") if getattr(args, k)}
+            build = build_options(args, REPO)
             if args.plan:
                 from .plan import plan_command
 
-                print(plan_command(args.profile, args.data_root, args.runs_dir, device, devices,
-                                   args.jobs_per_device, args.teachers_dir, schedule))  # fmt: skip
+                schedule = {
+                    k: getattr(build, k) for k in ("epochs", "stage_epochs", "teacher_epochs") if getattr(build, k)
+                }
+                print(plan_command(build.profile, build.data_root, build.runs_dir, build.device, build.devices,
+                                   build.jobs_per_device, build.teachers_dir, schedule))  # fmt: skip
                 return 0
             out = build_book(
-                args.profile, args.data_root, device, args.runs_dir, html=not args.skip_html, jobs=args.jobs,
-                devices=devices, jobs_per_device=args.jobs_per_device, compile=args.compile, stale=args.stale,
-                teachers_dir=args.teachers_dir, schedule=schedule, out=args.out, verify=args.verify,
+                build, html=not args.skip_html, jobs=args.jobs, out=args.out, verify=args.verify,
                 names=tuple(args.only.split(",")) if args.only else None, from_records=args.from_records,
-                slurm=cluster.options_from_args(args, args.runs_dir or REPO / "runs") if args.executor == "slurm"
-                else None, wait=not args.no_wait,
+                slurm=cluster.options_from_args(args, build.runs_dir) if args.executor == "slurm" else None,
+                wait=not args.no_wait,
             )  # fmt: skip
             if out is not None:
                 print(out)

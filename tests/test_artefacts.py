@@ -9,6 +9,7 @@ import pytest
 
 from kcdlib import artefacts, book, distillers, plan
 from kcdlib.artefacts import common, session, table1, table4, table5
+from kcdlib.buildoptions import BuildOptions
 from kcdlib.profiles import get_profile
 from kcdlib.runs import RunStore
 
@@ -48,15 +49,17 @@ def test_a_registered_artefact_appears_in_the_runs_the_plan_and_the_toc(monkeypa
 
 
 @pytest.mark.parametrize("name", artefacts.names())
-def test_every_notebook_takes_the_knobs_and_hides_its_glue(name):
+def test_every_notebook_takes_the_build_options_and_hides_its_glue(name):
+    """One build parameter (every build option reaches the session through it) and the notebook's own."""
     nb = book.read_notebook(NOTEBOOKS / f"{name}.md")
     parameters = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(parameters) == 1
-    for knob in ("epochs", "temperature", "gamma", "kd_alpha", "beta", "rho", "alpha", "seeds"):
-        assert f"\n{knob} = None" in "\n" + parameters[0].source, f"{name}: parameter {knob}"
+    assert "\nbuild = {}" in "\n" + parameters[0].source, f"{name}: no build parameter"
+    declared = set(book.declared_parameters(nb))
+    assert not declared & set(BuildOptions.names()), f"{name}: a build option declared on its own"
+    assert len(parameters[0].source.splitlines()) <= 6, f"{name}: a long parameters cell"
     setup = next(c for c in nb.cells if "setup(" in c.source)
-    for knob in ("epochs", "temperature", "gamma", "kd_alpha", "beta", "rho", "alpha", "progress_file", "book_root"):
-        assert f"{knob}={knob}" in setup.source.replace("\n", " "), f"{name}: {knob} does not reach setup()"
+    assert "BuildOptions.from_notebook(globals())" in setup.source, f"{name}: the build does not reach setup()"
     for cell in nb.cells:
         if "glue(" in cell.source:
             assert "remove-cell" in cell.metadata.get("tags", []), f"{name}: a glue cell is shown"
@@ -68,14 +71,16 @@ def hashes(p):
 
 
 def test_the_knobs_at_the_papers_values_are_the_same_runs(tmp_path):
-    default = artefacts.setup("tiny", str(tmp_path)).profile
-    paper = artefacts.setup("tiny", str(tmp_path), temperature=4, kd_alpha=0.9, rho=0.7, alpha=0.03).profile
+    default = artefacts.setup(BuildOptions(profile="tiny", runs_dir=str(tmp_path))).profile
+    paper = artefacts.setup(
+        BuildOptions(profile="tiny", runs_dir=str(tmp_path), temperature=4, kd_weight=0.9, rho=0.7, cost_exponent=0.03)
+    ).profile
     assert hashes(paper) == hashes(default)
 
 
 def test_a_knob_changes_the_runs_it_names_and_no_other(tmp_path):
-    default = artefacts.setup("tiny", str(tmp_path)).profile
-    hot = artefacts.setup("tiny", str(tmp_path), temperature=2.0).profile
+    default = artefacts.setup(BuildOptions(profile="tiny", runs_dir=str(tmp_path))).profile
+    hot = artefacts.setup(BuildOptions(profile="tiny", runs_dir=str(tmp_path), temperature=2.0)).profile
     before, after = artefacts.all_runs(default), artefacts.all_runs(hot)
     assert len(before) == len(after) and any(c.distiller == "kd" for c in after)
     for old, new in zip(before, after):
@@ -91,7 +96,7 @@ def test_a_knob_changes_the_runs_it_names_and_no_other(tmp_path):
 
 
 def test_kcd_knobs_reach_every_kcd_run_but_a_table_keeps_its_own_setting(tmp_path):
-    p = artefacts.setup("tiny", str(tmp_path), rho=0.5, alpha=0.1).profile
+    p = artefacts.setup(BuildOptions(profile="tiny", runs_dir=str(tmp_path), rho=0.5, cost_exponent=0.1)).profile
     alpha0 = table4.declare(p)["+ value ranking, no cost-aware factor (α=0)"]
     own_alpha = {c.options_hash for c in [*artefacts.get("table5").runs(p), *alpha0]}
     own_rho = {c.options_hash for c in artefacts.get("table6").runs(p)}
@@ -169,13 +174,13 @@ def test_a_run_is_described_by_its_own_options():
 def test_captions_name_the_settings_the_runs_used(tmp_path):
     """After the README's `-p temperature 2 -p epochs 4`, Table 5's caption says T=2 and 4 epochs first (it said
     "other settings as in the paper" and the profile's 12 epochs); with the paper's settings it names none."""
-    s = session.setup("smoke", str(tmp_path), temperature=2, epochs=4)
+    s = session.setup(BuildOptions(profile="smoke", runs_dir=str(tmp_path), temperature=2, epochs=4))
     runs = table5.ARTEFACT.runs(s.profile)
     assert {dict(c.distiller_options)["temperature"] for c in runs} == {2}
     text = common.caption("Table 5", s.profile, s.profile.grid_pairs, runs=runs, varied=("alpha",))
     assert text.startswith("Table 5. This build: 4 epochs, KCD stages of 2; not the paper's settings: T=2. ")
     assert "as in the paper" not in text and "with its schedule changed by the parameters" in text
-    plain = session.setup("smoke", str(tmp_path))
+    plain = session.setup(BuildOptions(profile="smoke", runs_dir=str(tmp_path)))
     text = common.caption("Table 5", plain.profile, plain.profile.grid_pairs, runs=table5.ARTEFACT.runs(plain.profile),
                           varied=("alpha",))  # fmt: skip
     assert "not the paper's" not in text and text.startswith("Table 5. This build: 12 epochs, KCD stages of 2. ")

@@ -19,6 +19,7 @@ from conftest import TEACHER_EPOCHS
 
 from kcdlib import artefacts, book, cli, cost, models, profiles, reference
 from kcdlib.artefacts import common, tradeoff
+from kcdlib.buildoptions import BuildOptions
 from kcdlib.errors import UnknownName
 from kcdlib.profiles import get_profile
 from kcdlib.records import read_record
@@ -122,15 +123,15 @@ def test_a_notebook_parameter_is_checked_before_any_kernel(tmp_path, capsys):
 
 
 def test_a_refused_parameter_inside_a_notebook_is_one_line(tmp_path, capfd):
-    """The session refuses the schedule in the notebook's kernel: kcd prints its message, not papermill's traceback;
+    """The session refuses a notebook's own parameter in the kernel: kcd prints its message, not papermill's traceback;
     the kernel's own start-up warning (its stderr is this process's) is not printed either."""
     out = tmp_path / "t5.ipynb"
     code = cli.main(["notebook", "table5", "-p", "profile", "tiny", "-p", "runs_dir", str(tmp_path / "runs"),
-                     "-p", "epochs", "5", "-p", "stage_epochs", "2", "--out", str(out)])  # fmt: skip
+                     "-y", "values: [0.01, '0.03']", "--out", str(out)])  # fmt: skip
     err = capfd.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("kcd: error: notebook 'table5' (cell ") and "BadOption" not in err
-    assert "parameter epochs (5) must be a multiple of stage_epochs (2)" in err and "condensing. Full" in err
+    assert "parameter alphas must be a non-empty list of values like (0.01, 0.03)" in err and "]. Full" in err
     assert f"Full traceback: {out.with_suffix('.log')}" in err and "BadOption" in out.with_suffix(".log").read_text()
     assert "Traceback" not in err and "IPKernelApp" not in err
 
@@ -201,7 +202,9 @@ def test_table_page_screenshot_is_not_blank(tiny_book, tmp_path):
 def test_rerun_trains_nothing(tiny_book, runs_dir):
     records = sorted(Path(runs_dir).glob("*/record.json"))
     before = {p: p.stat().st_mtime_ns for p in records}
-    artefacts.setup("tiny", str(runs_dir)).ensure(artefacts.all_runs("tiny"), progress=False)
+    artefacts.setup(BuildOptions(profile="tiny", runs_dir=str(runs_dir))).ensure(
+        artefacts.all_runs("tiny"), progress=False
+    )
     assert {p: p.stat().st_mtime_ns for p in records} == before
     assert json.loads(records[0].read_text())["hash"]
 
@@ -209,33 +212,35 @@ def test_rerun_trains_nothing(tiny_book, runs_dir):
 @pytest.mark.parametrize(
     "parameters, needle",
     [
-        ({"seeds": [-1]}, "parameter seeds"),
+        ({"seeds": [-1]}, "build option seeds"),
         ({"seeds": 3}, "must be a list"),
-        ({"seeds": [0, "1"]}, "parameter seeds"),
+        ({"seeds": [0, "1"]}, "build option seeds"),
         ({"devices": ["tpu"]}, "device 'tpu'"),
         ({"device": "tpu"}, "device 'tpu'"),
         ({"jobs_per_device": 0}, "jobs_per_device"),
-        ({"compile": "fast"}, "compile_mode"),
-        ({"stale": "maybe"}, "stale policy"),
+        ({"compile": "fast"}, "build option compile"),
+        ({"stale": "maybe"}, "build option stale"),
         ({"grid_pairs": "wrn_40_2/wrn_16_2"}, "must be a list"),
         ({"rhos": [0.7, "x"]}, "parameter rhos"),
         ({"profile": "huge"}, "unknown profile"),
         ({"epochs": 1, "stage_epochs": 1}, "at least two stages"),
-        ({"epochs": 4, "stage_epochs": 3}, "multiple of stage_epochs"),
+        ({"epochs": 4, "stage_epochs": 3}, "must be a multiple of the stage length (T=3)"),
         ({"temperature": 0}, "option temperature must be > 0"),
         ({"gamma": -1.0}, "option gamma must be >= 0"),
         ({"rho": 1.5}, "option rho must be in (0, 1]"),
-        ({"alpha": "0.03"}, "parameter alpha must be a number"),
-        ({"kd_alpha": True}, "parameter kd_alpha must be a number"),
+        ({"cost_exponent": "0.03"}, "build option cost_exponent must be a number"),
+        ({"kd_weight": True}, "build option kd_weight must be a number"),
+        ({"alpha": 0.03}, "unknown build option 'alpha'"),
     ],
 )
 def test_notebook_parameters_are_checked_before_any_run(tmp_path, parameters, needle):
     """The notebooks' first call refuses bad parameters with the command line's rules, one line each."""
     from kcdlib.errors import KcdError
 
-    kwargs = {"profile": "tiny", "runs_dir": str(tmp_path), **parameters}
+    own = {k: v for k, v in parameters.items() if k in ("grid_pairs", "rhos")}  # table 5-7's own parameters
+    build = {"profile": "tiny", "runs_dir": str(tmp_path), **{k: v for k, v in parameters.items() if k not in own}}
     with pytest.raises(KcdError, match=re.escape(needle)):
-        artefacts.setup(**kwargs)
+        artefacts.setup(build, **own)
     assert not any(tmp_path.iterdir())
 
 
@@ -350,8 +355,8 @@ def test_the_documented_notebook_commands_pass_their_checks(tmp_path):
         args = cli.build_parser().parse_args(argv)
         parameters = cli.notebook_parameters(args)
         book.check_parameters(args.name, book.read_notebook(book.REPO / "notebooks" / f"{args.name}.md"), parameters)
-        knobs = {k: v for k, v in parameters.items() if k in ("seeds", "epochs", "temperature", "rho", "alpha")}
-        artefacts.setup(parameters.get("profile", "smoke"), str(tmp_path), **knobs)
+        build = {k: v for k, v in parameters.items() if k in BuildOptions.names()}
+        artefacts.setup({"profile": "smoke", **build, "runs_dir": str(tmp_path)})
     inline = re.findall(r"-p (\w+) '\[", "".join(p.read_text() for p in pages))
     assert not inline, f"a list passed with -p (a string to papermill): {inline}"
 
@@ -427,7 +432,7 @@ def test_every_table_link_resolves_to_a_run_page_that_gives_the_cell(tiny_book):
 
 
 def test_the_frontier_holds_the_records_numbers(tiny_book, runs_dir):
-    session = artefacts.setup("tiny", str(runs_dir))
+    session = artefacts.setup(BuildOptions(profile="tiny", runs_dir=str(runs_dir)))
     result = tradeoff.build(session)
     data = result.table.data
     assert len(data) >= 5 and data.frontier.any()

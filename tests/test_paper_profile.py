@@ -6,6 +6,7 @@ from conftest import STUDENT, short_kd
 
 from kcdlib import artefacts, condense, models
 from kcdlib.artefacts import common, five_minutes
+from kcdlib.buildoptions import BuildOptions
 from kcdlib.cli import main
 from kcdlib.methods import KCD, MethodContext
 from kcdlib.profiles import PUBLISHED_TEACHER
@@ -60,11 +61,15 @@ def test_a_published_teacher_replaces_the_profiles_own(tmp_path, store, digits_t
     path = publish(
         teachers, digits_teacher.arch, models.load_checkpoint("resnet20", store.model_path(digits_teacher), 10)
     )
-    p = artefacts.setup("tiny", str(tmp_path / "runs"), teachers_dir=str(teachers)).profile
+    p = artefacts.setup(
+        BuildOptions(profile="tiny", runs_dir=str(tmp_path / "runs"), teachers_dir=str(teachers))
+    ).profile
     cfg = common.distill(p, p.table2_pair)
     assert cfg.teacher is None and cfg.teacher_checkpoint == str(path) and cfg.teacher_arch == "resnet20"
     # A teacher with no published file is still trained here.
-    p_none = artefacts.setup("tiny", str(tmp_path / "runs"), teachers_dir=str(tmp_path)).profile
+    p_none = artefacts.setup(
+        BuildOptions(profile="tiny", runs_dir=str(tmp_path / "runs"), teachers_dir=str(tmp_path))
+    ).profile
     assert common.distill(p_none, p_none.table2_pair).teacher is not None
 
 
@@ -118,5 +123,5 @@ def test_a_missing_teachers_dir_is_one_line(tmp_path, capsys):
 
 
 def test_the_teaching_notebook_honours_its_seeds_parameter(tmp_path):
-    p = artefacts.setup("tiny", str(tmp_path), seeds=[3]).profile
+    p = artefacts.setup(BuildOptions(profile="tiny", runs_dir=str(tmp_path), seeds=[3])).profile
     assert {cfg.seed for cfg in five_minutes.five_minutes_runs(p)} == {3}

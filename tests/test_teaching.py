@@ -12,6 +12,7 @@ from conftest import STUDENT
 
 from kcdlib import artefacts, condense, distillers
 from kcdlib.artefacts import five_minutes
+from kcdlib.buildoptions import BuildOptions
 from kcdlib.errors import BadOption
 from kcdlib.identity import distill_config
 
@@ -21,14 +22,20 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "kcd_in_five_minu
 def test_three_seeds_by_default_on_smoke_and_the_given_ones_otherwise(tmp_path):
     assert five_minutes.notebook_seeds("smoke", None) == [0, 1, 2]
     assert five_minutes.notebook_seeds("course", None) is None  # the profile's own: GPU runs are hours
-    p = artefacts.setup("smoke", str(tmp_path), seeds=five_minutes.notebook_seeds("smoke", None)).profile
+    p = artefacts.setup(
+        BuildOptions(profile="smoke", runs_dir=str(tmp_path), seeds=five_minutes.notebook_seeds("smoke", None))
+    ).profile
     rows = five_minutes.declare(p)
     assert {row: [c.seed for c in cfgs] for row, cfgs in rows.items()} == {"KD": [0, 1, 2], "KCD": [0, 1, 2]}
     assert {c.method for c in rows["KCD"]} == {"kcd"} and {c.method for c in rows["KD"]} == {"kd"}
-    p1 = artefacts.setup("smoke", str(tmp_path), seeds=five_minutes.notebook_seeds("smoke", [1])).profile
+    p1 = artefacts.setup(
+        BuildOptions(profile="smoke", runs_dir=str(tmp_path), seeds=five_minutes.notebook_seeds("smoke", [1]))
+    ).profile
     assert [(c.method, c.seed) for c in five_minutes.five_minutes_runs(p1)] == [("kd", 1), ("kcd", 1)]
     with pytest.raises(BadOption, match="must be a list"):  # a bad parameter reaches setup's check as given
-        artefacts.setup("smoke", str(tmp_path), seeds=five_minutes.notebook_seeds("smoke", "1"))
+        artefacts.setup(
+            BuildOptions(profile="smoke", runs_dir=str(tmp_path), seeds=five_minutes.notebook_seeds("smoke", "1"))
+        )
     # The plan (and kcd book's scheduling) counts the runs the notebook makes with its default parameters.
     planned = artefacts.notebook_runs("smoke")["kcd_in_five_minutes"]
     assert [(c.method, c.seed) for c in planned] == [("kd", s) for s in (0, 1, 2)] + [("kcd", s) for s in (0, 1, 2)]

@@ -6,25 +6,20 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import distillers, methods, options
+from .. import options
 from ..archive import FROM_RECORDS_ENV, recorded_code, recorded_fingerprints
+from ..buildoptions import BuildOptions
 from ..errors import BadOption
-from ..fastpath import COMPILE_MODES
-from ..identity import MAX_SEED, RunConfig
-from ..profiles import Profile, get_profile, published_teachers
+from ..identity import RunConfig
+from ..profiles import Profile
 from ..runs import RunStore
 from .common import non_default_options, unique
 
-# The course's knobs: notebook parameter -> the distiller option it sets (every distiller that has it; UNIX's own
-# loss is UNIX's protocol and keeps its values).
-LOSS_KNOBS = {"temperature": "temperature", "gamma": "gamma", "kd_alpha": "alpha", "beta": "beta"}
-# ... and -> the KCD option it sets (the tables that vary one keep their own value).
-KCD_KNOBS = {"rho": "rho", "alpha": "alpha"}
 # The fields of a run's record that the tables read.
 RECORD_FIELDS = ("final_top1", "best_top1", "final_top5", "computation", "computation_formula", "points_distilled",
                  "never_distilled")  # fmt: skip
@@ -120,50 +115,16 @@ def describe(cfg: RunConfig) -> str:
     )
 
 
-def setup(
-    profile: str | Profile,
-    runs_dir: str = "runs",
-    data_root: str = "data",
-    device: str | None = None,
-    seeds: Sequence[int] | None = None,
-    devices: Sequence[str] | None = None,
-    jobs_per_device: int = 1,
-    compile: str = "off",
-    stale: str = "stop",
-    teachers_dir: str | None = None,
-    progress_file: str | None = None,
-    book_root: str | None = None,
-    temperature: float | None = None,
-    gamma: float | None = None,
-    kd_alpha: float | None = None,
-    beta: float | None = None,
-    rho: float | None = None,
-    alpha: float | None = None,
-    **knobs: Any,
-) -> Session:
-    """A notebook's first call: the profile with the notebook's parameters applied (``None`` keeps the
-    profile's value) and the run store. ``devices`` and ``jobs_per_device`` let :meth:`Session.ensure` train missing
-    runs several at a time; ``teachers_dir`` holds published teachers (RepDistiller's names), used wherever one
-    exists instead of training the profile's own. ``epochs``, ``stage_epochs`` and ``teacher_epochs`` shorten a
-    profile (a rehearsal), Table 3's schedule with it. The course's knobs (``None``: the paper's value):
-    ``temperature`` (KD's T), ``gamma``, ``kd_alpha``, ``beta`` (the loss weights γ, α, β of every distiller that
-    has them; UNIX keeps its own loss), ``rho`` and ``alpha`` (KCD's final keep-ratio ρ and the value score's
-    exponent α). They become run options, so they are part of every run's identity. ``progress_file`` and
-    ``book_root`` are ``kcd book``'s: see :class:`Session`."""
-    p = get_profile(profile)
-    for name, value in (("runs_dir", runs_dir), ("data_root", data_root)):
-        if not isinstance(value, str | Path):
-            raise BadOption(f"parameter {name} must be a folder path, got {value!r}")
-    seeds = _list_of("seeds", seeds, lambda s: isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED,
-                     f"whole numbers in [0, {MAX_SEED}]")  # fmt: skip
-    devices = _list_of("devices", devices, lambda d: isinstance(d, str), "device names")
-    devices = [options.device(d) for d in devices] if devices else None
-    if isinstance(jobs_per_device, bool) or not isinstance(jobs_per_device, int) or jobs_per_device < 1:
-        raise BadOption(f"parameter jobs_per_device must be a whole number >= 1, got {jobs_per_device!r}")
-    if compile not in COMPILE_MODES:
-        raise BadOption(f"parameter compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+def setup(build: BuildOptions | Mapping[str, Any] | None = None, **parameters: Any) -> Session:
+    """A notebook's first call: ``session = setup(BuildOptions.from_notebook(globals()), alphas=values)``. ``build``
+    (:class:`~kcdlib.buildoptions.BuildOptions`, or a mapping of its fields) is checked once, where it is made;
+    ``parameters`` are the notebook's own (the fields of the profile its artefact reads: ``grid_pairs``,
+    ``alphas`` ...), ``None`` keeping the profile's value."""
+    if not isinstance(build, BuildOptions):
+        build = BuildOptions.from_mapping(build or {})
+    p = build.applied()
     changes = {}
-    for name, value in knobs.items():
+    for name, value in parameters.items():
         if value is None:
             continue
         if not hasattr(p, name):
@@ -177,44 +138,19 @@ def setup(
         elif isinstance(value, int) and value < 1:
             raise BadOption(f"parameter {name} must be at least 1, got {value}")
         changes[name] = value
-    if "epochs" in changes and p.table3_epochs:
-        changes.update(table3_epochs=changes["epochs"], table3_stage_epochs=changes.get("stage_epochs"))
-    given = {"temperature": temperature, "gamma": gamma, "kd_alpha": kd_alpha, "beta": beta, "rho": rho,
-             "alpha": alpha}  # fmt: skip
-    for name, value in given.items():
-        if value is not None and not _like(value, 1.0):
-            raise BadOption(f"parameter {name} must be a number, got {value!r}")
-    loss = {option: given[knob] for knob, option in LOSS_KNOBS.items() if given[knob] is not None}
-    kcd = {option: given[knob] for knob, option in KCD_KNOBS.items() if given[knob] is not None}
-    p = p.with_options(seeds=tuple(seeds) if seeds else None, **changes, loss_options={**p.loss_options, **loss},
-                       kcd_options={**p.kcd_options, **kcd})  # fmt: skip
-    if p.epochs % p.stage_epochs or p.epochs < 2 * p.stage_epochs:
-        raise BadOption(f"parameter epochs ({p.epochs}) must be a multiple of stage_epochs ({p.stage_epochs}), with "
-                        "at least two stages: the book shows KCD condensing")  # fmt: skip
-    _check_knobs(p)
-    published = published_teachers(teachers_dir, p.teacher_archs())
-    if published:
-        p = p.with_options(teacher_checkpoints={**p.teacher_checkpoints, **published})
+    p = p.with_options(**changes)
     # kcd book --from-records: the data fingerprints and the code come from the store's records (the data is not
     # here, and the code may be newer).
     from_records = os.environ.get(FROM_RECORDS_ENV) == "1"
-    store = RunStore(runs_dir, data_root, options.device(device or p.device), compile, stale,
+    runs_dir = build.runs_dir
+    store = RunStore(runs_dir, build.data_root, options.device(build.device or p.device), build.compile, build.stale,
                      recorded_fingerprints=recorded_fingerprints(runs_dir) if from_records else None,
                      recorded_code=recorded_code(runs_dir) if from_records else None)  # fmt: skip
+    devices = [options.device(d) for d in build.devices] if build.devices else [str(store.device)]
     return Session(
-        p, store, devices or [str(store.device)], jobs_per_device,
-        Path(progress_file) if progress_file else None, Path(book_root) if book_root else None,
+        p, store, devices, build.jobs_per_device,
+        Path(build.progress_file) if build.progress_file else None, Path(build.book_root) if build.book_root else None,
     )  # fmt: skip
-
-
-def _check_knobs(p: Profile) -> None:
-    """The knobs with the option rules of the distillers and of KCD (a bad value fails here, not in a run)."""
-    for name, cls in distillers.DISTILLERS.items():
-        given = {k: v for k, v in p.loss_options.items() if k in cls.option_specs}
-        if given:
-            distillers.canonical_options(name, given)
-    if p.kcd_options:
-        methods.canonical_options("kcd", {**p.kcd_options, "stage_epochs": p.stage_epochs}, p.epochs, 64)
 
 
 def _like(value: Any, example: Any) -> bool:
