@@ -8,7 +8,7 @@ Import trusts nothing in it and runs nothing from it: members must be plain file
 absolute paths, no ``..``, no links or devices, no other files: a pickle is refused by its name alone) within size
 limits; each file's SHA-256 must be the manifest's; each record must pass its own checksum
 (:func:`kcdlib.records.read_record`), name its folder, and agree with its ``config.json``, whose identity must hash to
-that name (:func:`kcdlib.identity.digest`, the store's own hash of an identity); a model must be the file its record
+that name (:func:`kcdlib.identity.identity_digest`); a model must be the file its record
 names. JSON is parsed strictly (no NaN). Any failure refuses the whole archive with one line, before anything is
 written. Models are later loaded as tensors only (``weights_only=True``), as everything in a store.
 
@@ -35,7 +35,7 @@ from typing import Any
 from . import files
 from .errors import KcdError
 from .files import atomic_write
-from .identity import RunConfig, digest
+from .identity import RunConfig, identity_digest
 from .records import Damaged, read_record
 from .runs import RunStore
 
@@ -170,7 +170,7 @@ def _check_runs(path, contents: dict[str, bytes]) -> None:
         identity = config.get("identity") if isinstance(config, dict) else None
         if record.get("hash") != run or not isinstance(identity, dict) or config.get("hash") != run:
             raise ArchiveError(f"{where}: its record or config.json names another run")
-        if digest(identity) != run:
+        if identity_digest(identity) != run:
             raise ArchiveError(f"{where}: its identity does not hash to its name")
         if identity.get("run") != record.get("config") or identity.get("data") != record.get("data"):
             raise ArchiveError(f"{where}: its record's options or data differ from its identity")

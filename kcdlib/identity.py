@@ -5,7 +5,7 @@
 - a fingerprint of the data (name, split sizes, content hashes of the training and test splits);
 - :data:`kcdlib.NUMERICS_VERSION` and a digest of the code that computes it (:mod:`kcdlib.provenance`).
 
-:func:`identity` puts them together and :func:`digest` hashes it: the run's folder name in the store
+:func:`identity` puts them together and :func:`identity_digest` hashes it: the run's folder name in the store
 (:mod:`kcdlib.runs`). :func:`teacher_config` and :func:`distill_config` make the runs the command line and the
 notebooks ask for; :func:`with_teachers` orders runs so a teacher comes before its students.
 """
@@ -107,7 +107,30 @@ class RunConfig:
     @property
     def options_hash(self) -> str:
         """The hash of the options alone (the store's folder names add the data and the numerics version)."""
-        return digest(self.canonical())
+        return digest(as_hashed(self.canonical()))
+
+
+# Options renamed after runs were recorded under their old names, hashed under those names so that every identity
+# made before stands: (whose options, the name now) -> the name hashed. The paper writes both α: the KD term's weight
+# and the exponent of KCD's value score.
+HASHED_AS = {("distiller_options", "kd_weight"): "alpha", ("method_options", "cost_exponent"): "alpha"}
+
+
+def as_hashed(run: dict[str, Any]) -> dict[str, Any]:
+    """A run's canonical options (:meth:`RunConfig.canonical`, its teacher's included) as its hash spells them."""
+    out = dict(run)
+    for (owner, name), hashed in HASHED_AS.items():
+        if isinstance(out.get(owner), dict) and name in out[owner]:
+            out[owner] = {(hashed if k == name else k): v for k, v in out[owner].items()}
+    if isinstance(out.get("teacher"), dict) and "kind" in out["teacher"]:
+        out["teacher"] = as_hashed(out["teacher"])
+    return out
+
+
+def identity_digest(identity: dict[str, Any]) -> str:
+    """The hash of a run's identity (:func:`identity`): the name of its folder in the store."""
+    run = identity.get("run")
+    return digest({**identity, "run": as_hashed(run)} if isinstance(run, dict) else identity)
 
 
 def digest(obj: Any) -> str:

@@ -45,7 +45,7 @@ from . import data as datasets
 from . import files, provenance, trainers
 from .errors import BadOption, CheckpointError, Diverged, KcdError, StaleRun, StoreError
 from .folders import check_root, locked, remove_if_abandoned, run_folder, sweep, tidy, version_of
-from .identity import RunConfig, checkpoint_sha256, difference, digest, identity
+from .identity import RunConfig, checkpoint_sha256, difference, identity, identity_digest
 from .records import (
     Damaged,
     atomic_write,
@@ -127,7 +127,7 @@ class RunStore:
         return identity(cfg, self.fingerprint(cfg.dataset), self.code)
 
     def run_hash(self, cfg: RunConfig) -> str:
-        return digest(self.identity(cfg))
+        return identity_digest(self.identity(cfg))
 
     def path(self, cfg: RunConfig) -> Path:
         """The run's folder: a folder of the store itself, never a link (refused with one line naming it)."""
@@ -181,7 +181,7 @@ class RunStore:
         if not self.root.is_dir():
             return []
         here = self.identity(cfg)
-        own = digest(here)
+        own = identity_digest(here)
         found = []
         for folder in sorted(self.root.iterdir()):
             if folder.is_symlink() or not folder.is_dir():
