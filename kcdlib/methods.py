@@ -23,7 +23,8 @@ import torch
 from . import condense
 from .data.mixing import MixRecipes
 from .errors import BadOption
-from .options import Option, between, canonical, check_name, non_negative, positive
+from .options import Option, between, canonical, non_negative, positive
+from .registry import Registry
 
 
 @dataclass
@@ -292,15 +293,13 @@ class UNIX(Method):
         return {"computation_formula": unix_computation(o["k"], self.context.batch_size, self.context.fs_over_ft)}
 
 
-METHODS: dict[str, type[Method]] = {"kd": Method, "kcd": KCD, "unix": UNIX}
+METHODS: Registry[type[Method]] = Registry("method", {"kd": Method, "kcd": KCD, "unix": UNIX})
 
 
 def canonical_options(name: str, options: dict[str, Any] | None, epochs: int, batch_size: int) -> dict[str, Any]:
     """Every option of method ``name`` for a run of ``epochs`` in batches of ``batch_size``, defaults filled in."""
-    check_name("method", name, METHODS)
     return METHODS[name].canonical_options(options, epochs, batch_size)
 
 
 def build(name: str, context: MethodContext) -> Method:
-    check_name("method", name, METHODS)
     return METHODS[name](context)
