@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .options import Option, between, canonical, check_name, non_negative, positive
+from .options import Option, between, canonical, non_negative, positive
+from .registry import Registry
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class DistillContext:
     options: dict | None = None  # the run's distiller options (missing ones take the defaults)
 
 
-DISTILLERS: dict[str, Callable[[DistillContext], Distiller]] = {}
+DISTILLERS: Registry[Callable[[DistillContext], Distiller]] = Registry("distiller")
 
 
 def register(name: str, label: str | None = None):
@@ -40,9 +41,9 @@ def register(name: str, label: str | None = None):
     capitals, e.g. ``KD``; a KCD run of it is ``KC-<label>``)."""
 
     def add(cls):
+        DISTILLERS.register(name, cls)
         cls.name = name
         cls.label = label or name.upper()
-        DISTILLERS[name] = cls
         return cls
 
     return add
@@ -50,12 +51,10 @@ def register(name: str, label: str | None = None):
 
 def canonical_options(name: str, options: dict | None) -> dict:
     """Every option of distiller ``name``, defaults filled in, checked (the form the run identity hashes)."""
-    check_name("distiller", name, DISTILLERS)
     return canonical(f"distiller '{name}'", DISTILLERS[name].option_specs, options)
 
 
 def build(name: str, context: DistillContext) -> Distiller:
-    check_name("distiller", name, DISTILLERS)
     return DISTILLERS[name](context)
 
 

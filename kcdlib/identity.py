@@ -22,7 +22,6 @@ from . import NUMERICS_VERSION, distillers, files, methods, models
 from . import data as datasets
 from .errors import BadOption, CheckpointError
 from .fastpath import PRECISIONS
-from .options import check_name
 from .recipe import Recipe
 
 # Seeds feed torch.manual_seed and the epoch generators: 31 bits keep every derived seed in range.
@@ -60,8 +59,8 @@ class RunConfig:
     teacher_checkpoint: str | None = field(default=None, compare=False)
 
     def __post_init__(self):
-        check_name("dataset", self.dataset, datasets.DATASETS)
-        check_name("architecture", self.arch, models.ARCHS)
+        datasets.DATASETS.check(self.dataset)
+        models.ARCHS.check(self.arch)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise BadOption(f"the seed must be a whole number in [0, {MAX_SEED}], got {self.seed!r}")
         if self.precision not in PRECISIONS:
@@ -70,7 +69,7 @@ class RunConfig:
         if self.kind == "distill":
             if self.teacher_arch is None or (self.teacher is None) == (self.teacher_sha256 is None):
                 raise BadOption("a distillation run needs one teacher: a teacher run or a checkpoint's sha256")
-            check_name("architecture", self.teacher_arch, models.ARCHS)
+            models.ARCHS.check(self.teacher_arch)
         elif self.teacher is not None or self.teacher_sha256 is not None:
             raise BadOption("'ce' trains without a teacher")
         d = distillers.canonical_options(self.distiller, dict(self.distiller_options))
@@ -195,7 +194,7 @@ def distill_config(
         if teacher_arch is not None and teacher_arch != teacher.arch:
             raise BadOption(f"teacher_arch '{teacher_arch}' contradicts the teacher run's '{teacher.arch}'")
         teacher_arch = teacher.arch
-    check_name("method", method, methods.METHODS)
+    methods.METHODS.check(method)
     # A method whose loss is not plain KD (UNIX: KD alone) brings its own distiller.
     method_loss = methods.METHODS[method].loss
     if method_loss is not None and distiller == "kd":

@@ -3,9 +3,10 @@
 The engine asks a method three things, and KCD and UNIX need nothing more:
 
 - ``epoch_points(epoch)``: the point indices to train on in this epoch (``None`` = all ``N``);
-- ``observe(indices, entropies)``: called on every step with each sample's point index and the entropy of the
-  student's softmax from the training forward (tensors stay on the device, and a CUDA graph's next replay
-  rewrites them: copy what you keep);
+- ``observe(indices, values)``: for a method that declares a per-step ``signal`` (KCD: OGVE's entropy of the
+  student's softmax), called on every step with each sample's point index and that signal, which the training
+  step computes from its own forward (tensors stay on the device, and a CUDA graph's next replay rewrites them:
+  copy what you keep). A method without one (plain KD, UNIX) costs the step nothing beyond its losses;
 - ``end_epoch(epoch, images)``: after the epoch, a chance to update the set (KCD's E-step) and report per-epoch
   facts for the record.
 
@@ -15,6 +16,7 @@ mixup). ``state_dict``/``load_state_dict`` make a method resumable. Methods are 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +25,8 @@ import torch
 from . import condense
 from .data.mixing import MixRecipes
 from .errors import BadOption
-from .options import Option, between, canonical, check_name, non_negative, positive
+from .options import Option, between, canonical, non_negative, positive
+from .registry import Registry
 
 
 @dataclass
@@ -56,8 +59,9 @@ class Method:
     option_specs: dict[str, Option] = {}
     # The distiller the method's loss needs in place of plain KD (UNIX trains on KD alone), or None.
     loss: str | None = None
-    # Which per-sample signal of the training forward :meth:`observe` receives (condense.VALUE_SIGNALS).
-    value_signal = "entropy"
+    # The per-sample signal the training step computes from its own forward, ``signal(logits, labels)``, and hands
+    # to observe() (KCD: one of condense.VALUE_SIGNALS), or None: then the step computes nothing for the method.
+    signal: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
     def canonical_options(cls, options: dict[str, Any] | None, epochs: int, batch_size: int) -> dict[str, Any]:
@@ -79,7 +83,7 @@ class Method:
     def select(self, batch, student):
         return batch
 
-    def observe(self, indices: torch.Tensor, entropies: torch.Tensor) -> None:
+    def observe(self, indices: torch.Tensor, values: torch.Tensor) -> None:
         pass
 
     def end_epoch(self, epoch: int, images: torch.Tensor | None) -> dict[str, Any]:
@@ -123,7 +127,8 @@ class KCD(Method):
         "schedule": Option("paper", str, choices=condense.SCHEDULE_KINDS),
         "augment": Option("K1L", str, choices=condense.AUGMENTS),
         "eps_m": Option(0.7, **between(0, 1)),
-        "value": Option("entropy", str, choices=("entropy", "ce", "random")),
+        # A value signal recorded per step (condense.VALUE_SIGNALS), or a random ranking (the ablation baseline).
+        "value": Option("entropy", str, choices=(*condense.VALUE_SIGNALS, "random")),
         "untrained": Option("first", str, choices=condense.UNTRAINED_RULES),
     }
 
@@ -148,7 +153,8 @@ class KCD(Method):
         self.modifies_images = o["augment"] != "none" and context.images_in_memory
         if o["augment"] != "none" and not context.images_in_memory:
             self.mix_recipes = MixRecipes(n)
-        self.value_signal = "ce" if o["value"] == "ce" else "entropy"
+        # The random ranking still records the entropy: its F decides which points were never trained.
+        self.signal = condense.VALUE_SIGNALS["entropy" if o["value"] == "random" else o["value"]]
         self.T = int(o["stage_epochs"])
         self.sizes = condense.keep_schedule(o["schedule"], n, epochs, self.T, o["rho"])
         self.values = condense.ValueRecord(n, context.device)
@@ -163,8 +169,8 @@ class KCD(Method):
     def epoch_points(self, epoch: int) -> torch.Tensor | None:
         return None if self.points.numel() == self.context.num_points else self.points
 
-    def observe(self, indices: torch.Tensor, entropies: torch.Tensor) -> None:
-        self.values.record(indices, entropies)
+    def observe(self, indices: torch.Tensor, values: torch.Tensor) -> None:
+        self.values.record(indices, values)
 
     def end_epoch(self, epoch: int, images: torch.Tensor | None) -> dict[str, Any]:
         self.values.end_epoch()
@@ -292,15 +298,13 @@ class UNIX(Method):
         return {"computation_formula": unix_computation(o["k"], self.context.batch_size, self.context.fs_over_ft)}
 
 
-METHODS: dict[str, type[Method]] = {"kd": Method, "kcd": KCD, "unix": UNIX}
+METHODS: Registry[type[Method]] = Registry("method", {"kd": Method, "kcd": KCD, "unix": UNIX})
 
 
 def canonical_options(name: str, options: dict[str, Any] | None, epochs: int, batch_size: int) -> dict[str, Any]:
     """Every option of method ``name`` for a run of ``epochs`` in batches of ``batch_size``, defaults filled in."""
-    check_name("method", name, METHODS)
     return METHODS[name].canonical_options(options, epochs, batch_size)
 
 
 def build(name: str, context: MethodContext) -> Method:
-    check_name("method", name, METHODS)
     return METHODS[name](context)

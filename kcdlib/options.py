@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import BadOption, UnknownName
+from .errors import BadOption
 
 
 @dataclass(frozen=True)
@@ -26,12 +26,6 @@ class Option:
     rule: str = ""
     check: Callable[[Any], bool] | None = None
     choices: tuple[str, ...] = ()
-
-
-def check_name(kind: str, name: Any, known) -> None:
-    """``name`` must be one of a registry's ``known`` names (an architecture, a dataset, a distiller ...)."""
-    if name not in known:
-        raise UnknownName(f"unknown {kind} '{name}'; known {kind}s: {', '.join(sorted(known))}")
 
 
 def positive() -> dict[str, Any]:

@@ -16,7 +16,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DatasetMissing, UnknownName
+from .errors import DatasetMissing
+from .registry import Registry
 
 # The paper's Table-1 pairs (teacher/student, the RepDistiller model names).
 PAPER_TABLE1_PAIRS = (
@@ -115,7 +116,7 @@ _SMOKE_PAIRS = {
     "ResNet34/ResNet18": "resnet20/resnet8",
 }
 
-PROFILES: dict[str, Profile] = {
+PROFILES: Registry[Profile] = Registry("profile", {
     "smoke": Profile(
         name="smoke",
         description="digits on the CPU, small stand-in pairs, 12 epochs in six stages of 2",
@@ -205,7 +206,7 @@ PROFILES: dict[str, Profile] = {
         figure5_teachers={t: t for t in PAPER_FIGURE5_TEACHERS},
         figure5_student="resnet8x4",
     ),
-}
+})  # fmt: skip
 
 
 # Where RepDistiller (and the KCD authors, who distil from the same teachers) publish a teacher, under the folder
@@ -229,6 +230,4 @@ def get_profile(name: str | Profile) -> Profile:
     """The profile called ``name`` (a :class:`Profile` is returned as is)."""
     if isinstance(name, Profile):
         return name
-    if name not in PROFILES:
-        raise UnknownName(f"unknown profile '{name}'; known profiles: {', '.join(PROFILES)}")
     return PROFILES[name]

@@ -23,7 +23,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent
 # The modules (and packages: every .py under them) whose code decides a run's numbers.
 CODE_MODULES = (
-    "condense.py", "cost.py", "data", "distillers.py", "distributed.py", "fastpath.py", "methods.py",
+    "condense", "cost.py", "data", "distillers.py", "distributed.py", "fastpath.py", "methods.py",
     "models", "recipe.py", "train.py", "trainers.py",
 )  # fmt: skip
 

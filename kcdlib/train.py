@@ -2,10 +2,11 @@
 
 Every epoch: the method names the knowledge points to train on (``K^t``), the data yields augmented batches over
 them, the frozen teacher gives its hint on each batch, the distiller turns both forwards into losses, and SGD
-steps. Per step the engine hands the method each sample's point index and the entropy of the student's softmax
-from that same forward (KCD's values; no extra pass; KCD's ``value="ce"`` takes the cross-entropy with the label
-instead). After the epoch it evaluates top-1/top-5 on the test split and lets the method end the epoch (KCD's
-E-step at stage boundaries).
+steps. A method that declares a per-step signal (KCD: the entropy of the student's softmax, OGVE's value; with
+``value="ce"`` the cross-entropy with the label) gets it from that same forward with each sample's point index, no
+extra pass; for one that declares none (plain KD) the step computes nothing beyond its losses. After the epoch
+the engine evaluates top-1/top-5 on the test split and lets the method end the epoch (KCD's E-step at stage
+boundaries).
 
 Protocol (RepDistiller, which the paper follows): SGD momentum 0.9, weight decay 5e-4, batch 64, lr 0.05 (0.01
 for MobileNetV2/ShuffleNets), ×0.1 at 150/240, 180/240 and 210/240 of the epochs; the reported accuracy is the
@@ -31,7 +32,6 @@ import torch
 from torch import nn
 
 from . import distributed
-from .condense import VALUE_SIGNALS
 from .data import epoch_generator
 from .distillers import Distiller
 from .errors import Diverged
@@ -186,7 +186,8 @@ class Trainer:
                 self.points_distilled += n
                 self.distilled[idx] = True
             loss, signal, hits = step(x, y, idx)
-            self.method.observe(idx, signal)
+            if signal is not None:
+                self.method.observe(idx, signal)
             loss_sum += loss * n
             correct += hits
             seen += n
@@ -201,10 +202,10 @@ class Trainer:
 
     def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
         """One SGD step on a batch: the teacher's hint, the student's forward, the distiller's losses, backward,
-        update. Returns ``(loss, signal, hits)``, all on the device: the batch's mean loss, each sample's value
-        signal from this same forward (the method's ``value_signal``: the softmax entropy ``H(p_s)`` KCD records,
-        or the cross-entropy with the label) and the number of correct top-1 predictions. Nothing in it waits for
-        the device, so it can be recorded as a CUDA graph.
+        update. Returns ``(loss, signal, hits)``, all on the device: the batch's mean loss, the method's per-sample
+        ``signal`` of this same forward (KCD: the softmax entropy ``H(p_s)`` OGVE records; None for a method that
+        declares none, which then costs the step nothing) and the number of correct top-1 predictions. Nothing in it
+        waits for the device, so it can be recorded as a CUDA graph.
 
         Under a group, ``x`` is this process's part and ``y``, ``idx`` are the global batch's: the forwards run on
         the part, their outputs are gathered, and everything after is the global batch's, on every process."""
@@ -226,7 +227,7 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         logits = s_logits.detach()
-        signal = VALUE_SIGNALS[self.method.value_signal](logits, y)
+        signal = None if self.method.signal is None else self.method.signal(logits, y)
         return loss.detach(), signal, logits.argmax(dim=1).eq(y).sum()
 
     def _gather_outputs(self, s_feats, s_logits, t_feats, t_logits):

@@ -31,21 +31,21 @@ def test_registry_runner_plan_and_notebook_files_agree():
             assert (book.REPO / f"{page}.md").is_file(), page
 
 
-def test_a_registered_artefact_appears_in_the_runs_the_plan_and_the_toc(monkeypatch):
+def test_a_registered_artefact_appears_in_the_runs_the_plan_and_the_toc():
     p = get_profile("tiny")
     extra = common.student_run(p, "resnet14")
     assert extra.options_hash not in {c.options_hash for c in artefacts.all_runs(p)}
     scratch = common.Artefact("scratch_table", "A scratch table", "paper", 75, lambda p: {"row": [extra]})
-    monkeypatch.setitem(artefacts.ARTEFACTS, "scratch_table", scratch)
-    names = artefacts.names()
-    assert names.index("table7") < names.index("scratch_table") < names.index("figure5")  # order 75
-    assert book.notebooks() == names
-    assert plan.notebook_runs(p)["scratch_table"] == [extra]
-    assert extra.options_hash in {c.options_hash for c in artefacts.all_runs(p)}
-    toc = book.toc()
-    assert toc.index("book/artefacts/table7\n") < toc.index("book/artefacts/scratch_table\n") < toc.index("figure5")
-    with pytest.raises(ValueError, match="two artefacts"):
-        artefacts.register(dataclasses.replace(scratch, order=1))
+    with artefacts.ARTEFACTS.override("scratch_table", scratch):
+        names = artefacts.names()
+        assert names.index("table7") < names.index("scratch_table") < names.index("figure5")  # order 75
+        assert book.notebooks() == names
+        assert plan.notebook_runs(p)["scratch_table"] == [extra]
+        assert extra.options_hash in {c.options_hash for c in artefacts.all_runs(p)}
+        toc = book.toc()
+        assert toc.index("book/artefacts/table7\n") < toc.index("book/artefacts/scratch_table\n") < toc.index("figure5")
+        with pytest.raises(ValueError, match="two artefacts"):
+            artefacts.register(dataclasses.replace(scratch, order=1))
 
 
 @pytest.mark.parametrize("name", artefacts.names())
@@ -110,15 +110,15 @@ def test_kcd_knobs_reach_every_kcd_run_but_a_table_keeps_its_own_setting(tmp_pat
     assert common.kcd_computation(p) < common.kcd_computation(get_profile("tiny"))
 
 
-def test_a_new_distiller_gets_its_table1_rows_from_the_registry(monkeypatch):
+def test_a_new_distiller_gets_its_table1_rows_from_the_registry():
     """Table 1 names a distiller by its registry label: a distiller added to a profile needs no table edit."""
 
     class Scaled(distillers.KD):
-        pass
+        name, label = "scaled_kd", "SKD"
 
-    monkeypatch.setitem(distillers.DISTILLERS, "scaled_kd", distillers.register("scaled_kd", label="SKD")(Scaled))
     p = dataclasses.replace(get_profile("tiny"), table1_distillers=("kd", "scaled_kd"))
-    rows = table1.declare(p)
+    with distillers.DISTILLERS.override("scaled_kd", Scaled):
+        rows = table1.declare(p)
     labels = {label for _, label in rows}
     assert {"KD", "KC-KD", "SKD", "KC-SKD"} <= labels
     assert {c.distiller for c in rows[(p.table1_pairs[0], "KC-SKD")]} == {"scaled_kd"}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import CHILD_ENV, STUDENT, TEACHER_EPOCHS, copy_run, short_kd
 
-from kcdlib.condense import softmax_entropy
+from kcdlib.condense import VALUE_SIGNALS, softmax_entropy
 from kcdlib.data import spec
 from kcdlib.fastpath import StepGraph
 from kcdlib.identity import distill_config
@@ -70,6 +70,7 @@ class HalfSet(Method):
     """A method that trains on the even points only, and remembers what the step hook saw."""
 
     name = "half"
+    signal = staticmethod(VALUE_SIGNALS["entropy"])  # what KCD declares: the step computes it, observe() gets it
 
     def __init__(self, context):
         super().__init__(context)

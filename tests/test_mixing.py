@@ -127,17 +127,17 @@ def test_recipes_survive_a_checkpoint_round_trip():
 
 
 @pytest.fixture
-def small_imagenet(tmp_path, monkeypatch):
+def small_imagenet(tmp_path):
     """The generated ImageFolder as the registry's ``imagenet``, read in the test process at 16x16."""
     root = tmp_path / "data"
     write_folder(root / "imagenet", random_pixels(1, size=lambda i: (12 + i % 3, 14 + i % 4)))  # sizes differ
     spec = dataclasses.replace(data.spec("imagenet"), image_size=SIDE, num_train=30, num_test=6,
                                load=lambda root, device: ImageNetData(root, device, workers=0, crop=SIDE))  # fmt: skip
-    monkeypatch.setitem(data.DATASETS, "imagenet", spec)
     # One thread, as test_store's in-process runs: two threads of tiny steps on two shared cores spin for nothing.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield str(root)
+    with data.DATASETS.override("imagenet", spec):
+        yield str(root)
     torch.set_num_threads(threads)
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import short_kd
+from torch.overrides import TorchFunctionMode
 
 from kcdlib import condense, methods
 from kcdlib.condense import softmax_entropy
@@ -48,6 +49,30 @@ def test_kcd_records_the_students_signal_of_the_training_forward(store, digits_t
         assert torch.allclose(sig, expected)
         other = F.cross_entropy(out, labels, reduction="none") if value == "entropy" else softmax_entropy(out)
         assert not torch.allclose(sig, other)
+
+
+class Calls(TorchFunctionMode):
+    """Counts the calls of one torch function made while the mode is on (the calls themselves run unchanged)."""
+
+    def __init__(self, func):
+        super().__init__()
+        self.func, self.count = func, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += func is self.func
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method, per_step", [("kd", 0), ("kcd", 1)])
+def test_the_step_computes_a_signal_only_for_a_method_that_declares_one(store, digits_teacher, method, per_step):
+    """KCD's entropy (softmax_entropy's torch.log_softmax; the KD loss goes through F.log_softmax) runs once per
+    step; plain KD declares no signal and its steps compute none."""
+    options = {"stage_epochs": 1} if method == "kcd" else {}
+    trainer = store.build_trainer(short_kd(digits_teacher, method=method, method_options=options), progress=False)
+    assert (trainer.method.signal is None) == (method == "kd")
+    with Calls(torch.log_softmax) as calls:
+        trainer.train_pass(1, torch.arange(128))  # two steps
+    assert calls.count == 2 * per_step
 
 
 def test_the_condensed_set_is_the_top_of_the_ranking_under_the_runs_alpha(store, digits_teacher):

@@ -19,26 +19,23 @@ import importlib
 import pkgutil
 
 from ..identity import RunConfig
-from ..options import check_name
 from ..profiles import Profile, get_profile
+from ..registry import Registry
 from .common import Artefact, Figure, Table, unique
 from .session import Session, setup
 
 __all__ = ["ARTEFACTS", "Artefact", "Figure", "Session", "Table", "all_runs", "get", "names", "notebook_runs",
            "register", "setup", "unique"]  # fmt: skip
 
-# name -> artefact, in reading order (see names()).
-ARTEFACTS: dict[str, Artefact] = {}
+# name -> artefact, in the order the modules were found (reading order: names()).
+ARTEFACTS: Registry[Artefact] = Registry("artefact")
 
 
 def register(artefact: Artefact) -> Artefact:
     """Add ``artefact`` to the book (its notebook: ``notebooks/<name>.md``). A name is registered once."""
     if not artefact.name.isidentifier():
         raise ValueError(f"an artefact's name is a notebook's file name, a Python identifier: {artefact.name!r}")
-    if artefact.name in ARTEFACTS and ARTEFACTS[artefact.name] is not artefact:
-        raise ValueError(f"two artefacts are called '{artefact.name}'")
-    ARTEFACTS[artefact.name] = artefact
-    return artefact
+    return ARTEFACTS.register(artefact.name, artefact)
 
 
 def names() -> tuple[str, ...]:
@@ -49,7 +46,6 @@ def names() -> tuple[str, ...]:
 
 
 def get(name: str) -> Artefact:
-    check_name("artefact", name, ARTEFACTS)
     return ARTEFACTS[name]
 
 

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 from ..errors import BadOption
-from ..options import check_name
 from ..recipe import Recipe
+from ..registry import Registry
 from .cifar100 import cifar100_fingerprint, load_cifar100, read_cifar100_split
 from .device import CIFAR100_MEAN, CIFAR100_STD, Batch, DeviceDataset, batch_part, crop_flip, epoch_generator
 from .digits import digits_fingerprint, load_digits
@@ -75,7 +75,7 @@ class DatasetSpec:
         return 100.0 / self.num_test
 
 
-DATASETS: dict[str, DatasetSpec] = {
+DATASETS: Registry[DatasetSpec] = Registry("dataset", {
     # 1,437 points: 30 epochs are 690 steps of 64, enough for the small networks to converge.
     "digits": DatasetSpec(
         "digits", 10, 16, 1_437, 360, lambda root, device: load_digits(device), lambda root: dict(digits_fingerprint()),
@@ -91,12 +91,11 @@ DATASETS: dict[str, DatasetSpec] = {
                                          milestones=(30 / 90, 60 / 90, 80 / 90)),
         decodes=DECODES,
     ),
-}  # fmt: skip
+})  # fmt: skip
 
 
 def spec(name: str) -> DatasetSpec:
     """The spec of dataset ``name``; an unknown name is one line that lists the known ones."""
-    check_name("dataset", name, DATASETS)
     return DATASETS[name]
 
 

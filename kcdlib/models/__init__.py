@@ -16,35 +16,39 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, UnknownName
+from ..errors import CheckpointError
+from ..registry import Registry
 from . import mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn
 
-ARCHS: dict[str, Callable[[int], nn.Module]] = {
-    "resnet8": resnet.resnet8,
-    "resnet14": resnet.resnet14,
-    "resnet20": resnet.resnet20,
-    "resnet32": resnet.resnet32,
-    "resnet44": resnet.resnet44,
-    "resnet56": resnet.resnet56,
-    "resnet110": resnet.resnet110,
-    "resnet8x4": resnet.resnet8x4,
-    "resnet32x4": resnet.resnet32x4,
-    "ResNet50": resnetv2.ResNet50,
-    "wrn_16_1": wrn.wrn_16_1,
-    "wrn_16_2": wrn.wrn_16_2,
-    "wrn_40_1": wrn.wrn_40_1,
-    "wrn_40_2": wrn.wrn_40_2,
-    "vgg8": vgg.vgg8,
-    "vgg11": vgg.vgg11,
-    "vgg13": vgg.vgg13,
-    "vgg16": vgg.vgg16,
-    "vgg19": vgg.vgg19,
-    "MobileNetV2": mobilenetv2.mobile_half,
-    "ShuffleV1": shufflenetv1.ShuffleV1,
-    "ShuffleV2": shufflenetv2.ShuffleV2,
-    "ResNet18": lambda num_classes=1000: _imagenet("ResNet18", num_classes),
-    "ResNet34": lambda num_classes=1000: _imagenet("ResNet34", num_classes),
-}
+ARCHS: Registry[Callable[[int], nn.Module]] = Registry(
+    "architecture",
+    {
+        "resnet8": resnet.resnet8,
+        "resnet14": resnet.resnet14,
+        "resnet20": resnet.resnet20,
+        "resnet32": resnet.resnet32,
+        "resnet44": resnet.resnet44,
+        "resnet56": resnet.resnet56,
+        "resnet110": resnet.resnet110,
+        "resnet8x4": resnet.resnet8x4,
+        "resnet32x4": resnet.resnet32x4,
+        "ResNet50": resnetv2.ResNet50,
+        "wrn_16_1": wrn.wrn_16_1,
+        "wrn_16_2": wrn.wrn_16_2,
+        "wrn_40_1": wrn.wrn_40_1,
+        "wrn_40_2": wrn.wrn_40_2,
+        "vgg8": vgg.vgg8,
+        "vgg11": vgg.vgg11,
+        "vgg13": vgg.vgg13,
+        "vgg16": vgg.vgg16,
+        "vgg19": vgg.vgg19,
+        "MobileNetV2": mobilenetv2.mobile_half,
+        "ShuffleV1": shufflenetv1.ShuffleV1,
+        "ShuffleV2": shufflenetv2.ShuffleV2,
+        "ResNet18": lambda num_classes=1000: _imagenet("ResNet18", num_classes),
+        "ResNet34": lambda num_classes=1000: _imagenet("ResNet34", num_classes),
+    },
+)
 
 
 def _imagenet(name: str, num_classes: int) -> nn.Module:
@@ -65,11 +69,7 @@ def create(name: str, num_classes: int = 100) -> nn.Module:
 
     The model carries its name in ``model.arch`` (used in error messages).
     """
-    try:
-        factory = ARCHS[name]
-    except KeyError:
-        raise UnknownName(f"unknown architecture '{name}'; known: {', '.join(ARCHS)}") from None
-    model = factory(num_classes)
+    model = ARCHS[name](num_classes)
     model.arch = name
     return model
 
