@@ -35,6 +35,7 @@ from typing import Any
 from . import files
 from .errors import KcdError
 from .files import atomic_write
+from .identity import with_teachers
 from .runs import Damaged, RunConfig, RunStore, digest, read_record
 
 FORMAT = "kcd-runs/1"
@@ -75,11 +76,9 @@ def export_runs(
 ) -> dict[str, Any]:  # fmt: skip
     """Write the records of ``configs`` (and their teachers) that ``store`` holds into the archive ``out``;
     returns the manifest. Runs the store lacks are listed in it (and said)."""
-    from .plan import with_teachers
-
     files: dict[str, bytes] = {}
     runs, missing, data = [], [], {}
-    for cfg in dict.fromkeys(with_teachers(configs)):
+    for cfg in with_teachers(configs):
         rec = store.record(cfg)
         folder = store.path(cfg)
         if rec is None:
@@ -280,9 +279,8 @@ def write_provenance(out: Path, runs_dir: Path, from_records: bool) -> None:
 def check_complete(configs: Sequence[RunConfig], store: RunStore) -> None:
     """Raise :class:`MissingRuns` naming every run of ``configs`` (and their teachers) the store lacks."""
     from .artefacts.session import describe
-    from .plan import with_teachers
 
-    lacking = [f"{describe(c)} ({store.run_hash(c)})" for c in dict.fromkeys(with_teachers(configs))
+    lacking = [f"{describe(c)} ({store.run_hash(c)})" for c in with_teachers(configs)
                if store.record(c) is None]  # fmt: skip
     if lacking:
         raise MissingRuns(f"--from-records trains nothing, and the store {store.root} lacks {len(lacking)} runs the "

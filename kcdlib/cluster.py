@@ -41,6 +41,7 @@ from typing import Any
 
 from . import files
 from .errors import BadOption, KcdError
+from .identity import with_teachers
 from .runs import RunConfig, RunStore
 
 # Runs that need a whole node of GPUs (trained under torchrun's rules inside the allocation).
@@ -215,12 +216,11 @@ def submit(
     """Submit the runs of ``configs`` (and their teachers) that ``store`` lacks; returns the jobs (none when the
     store holds every run). Teachers come first (one array); each student job depends on its teachers' jobs."""
     check_slurm()
-    from .plan import with_teachers
     from .sharedfs import check_lock
 
     check_lock(store.root)
     check_lock(options.logs)
-    missing = [c for c in dict.fromkeys(with_teachers(configs)) if store.record(c) is None]
+    missing = [c for c in with_teachers(configs) if store.record(c) is None]
     # A run in a job submitted before (kcd book --no-wait, then kcd book again) is not submitted twice.
     busy = in_flight(options.logs)
     missing = [c for c in missing if store.run_hash(c) not in busy]

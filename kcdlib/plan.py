@@ -37,6 +37,7 @@ from .data import DeviceDataset
 from .distillers import DistillContext
 from .distillers import build as build_distiller
 from .errors import DatasetInvalid, DatasetMissing
+from .identity import with_teachers
 from .profiles import Profile, get_profile
 from .recipe import Recipe
 from .runs import RunConfig, RunStore
@@ -228,21 +229,6 @@ def h200_estimate(profile: str | Profile, jobs_per_device: int = 4, devices: int
 
 
 # -- which runs ------------------------------------------------------------------------------------------------
-def with_teachers(configs: Iterable[RunConfig]) -> list[RunConfig]:
-    """``configs`` with, before the first run that needs it, each teacher run that is not listed itself (the store
-    trains it first)."""
-    configs = list(configs)
-    listed = {cfg.options_hash for cfg in configs}
-    out, seen = [], set()
-    for cfg in configs:
-        t = cfg.teacher
-        if t is not None and t.options_hash not in listed and t.options_hash not in seen:
-            seen.add(t.options_hash)
-            out.append(t)
-        out.append(cfg)
-    return out
-
-
 def notebook_runs(p: Profile) -> dict[str, list[RunConfig]]:
     """The runs each notebook of the book asks for, in the order ``kcd book`` executes them."""
     return artefacts.notebook_runs(p)

@@ -5,6 +5,7 @@ import torch
 
 from kcdlib import artefacts, cli, plan
 from kcdlib.artefacts import common
+from kcdlib.identity import with_teachers
 from kcdlib.profiles import get_profile
 from kcdlib.runs import RunStore
 
@@ -31,7 +32,7 @@ def tiny_store(tmp_path_factory):
 def test_tiny_plan_lists_the_book_runs_and_marks_the_stored_one(tiny_store):
     store, done = tiny_store
     frame = plan.plan("tiny", store, timer=fake_timer)
-    runs = artefacts.all_runs("tiny")
+    runs = with_teachers(artefacts.all_runs("tiny"))  # the book's order, each teacher before its students
     assert list(frame.options_hash) == [c.options_hash for c in runs]
     assert dict(zip(frame.options_hash, frame.status)) == {
         c.options_hash: "done" if c == done else "missing" for c in runs
@@ -93,7 +94,7 @@ def test_schedule_overrides_and_jobs_reach_the_plan(tmp_path):
 
 def test_course_fits_an_hour_on_one_h200_with_four_jobs():
     estimate = plan.h200_estimate("course", jobs_per_device=4)
-    assert estimate["runs"] == len(plan.with_teachers(artefacts.all_runs("course")))
+    assert estimate["runs"] == len(with_teachers(artefacts.all_runs("course")))
     assert estimate["wall_s"] <= 3600  # every slot busy: device time / (4 x 0.74)
     assert estimate["scheduled_s"] <= 3600  # notebook by notebook, teachers first, as kcd book runs them
     assert estimate["wall_s"] == pytest.approx(estimate["device_s"] / plan.concurrency_speedup(4))
