@@ -1,4 +1,5 @@
-"""Runs made elsewhere, rendered here: ``kcd runs export``, ``kcd runs import``, ``kcd book --from-records``.
+"""Runs made elsewhere, rendered here: ``kcd runs export``, ``kcd runs import`` (their command line here and in
+:func:`kcdlib.plan.runs_command`), ``kcd book --from-records``.
 
 An archive is a gzipped tar of ``manifest.json`` and, per run, ``runs/<run hash>/{config.json,record.json}``
 (``model.pt`` too with ``--models``). The manifest lists every file with its SHA-256, the data fingerprints the
@@ -276,10 +277,9 @@ def write_provenance(out: Path, runs_dir: Path, from_records: bool) -> None:
     (out / PROVENANCE_PAGE).write_text(text + "\n")
 
 
-def check_complete(configs: Sequence[RunConfig], store: RunStore) -> None:
-    """Raise :class:`MissingRuns` naming every run of ``configs`` (and their teachers) the store lacks."""
-    from .artefacts.session import describe
-
+def check_complete(configs: Sequence[RunConfig], store: RunStore, describe: Callable[[RunConfig], str]) -> None:
+    """Raise :class:`MissingRuns` naming every run of ``configs`` (and their teachers) the store lacks, each as
+    ``describe`` says it and by its hash."""
     lacking = [f"{describe(c)} ({store.run_hash(c)})" for c in with_teachers(configs)
                if store.record(c) is None]  # fmt: skip
     if lacking:
@@ -307,16 +307,3 @@ def argparse_hidden() -> str:
     import argparse
 
     return argparse.SUPPRESS
-
-
-def command(args) -> int:
-    if args.runs_command == "import":
-        import_runs(args.archive, RunStore(args.runs_dir))
-        return 0
-    from .book import notebooks
-    from .cluster import book_runs
-
-    names = tuple(args.only.split(",")) if args.only else notebooks()
-    configs, store = book_runs(args.profile, names, args.runs_dir, args.data_root, args.device)
-    export_runs(configs, store, args.out, models=args.models, profile=args.profile)
-    return 0

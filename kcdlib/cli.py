@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with kcd runs import): train nothing, use the recorded data fingerprints, name missing runs",
     )
     add_stale(b)
-    cluster.add_options(b)
+    cluster.add_options(b, at_least)
 
     r = sub.add_parser("runs", help="the run store: verify its runs, export them to an archive, import one")
     runs_sub = r.add_subparsers(dest="runs_command", required=True, metavar="SUBCOMMAND")
@@ -382,7 +382,9 @@ def run(args: argparse.Namespace) -> int:
             print(summary(verdicts, args.runs_dir))
             return 0 if all(v.ok for v in verdicts) else EXIT_FAILED
         if args.command == "runs":
-            return archive.command(args)
+            from .plan import runs_command
+
+            return runs_command(args)
         if args.command == "book":
             from .book import REPO, build_book
 

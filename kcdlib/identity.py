@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from .runs import RunConfig
+if TYPE_CHECKING:  # RunConfig moves here from kcdlib.runs (the store layer, above this one)
+    from .runs import RunConfig
 
 
 def with_teachers(configs: Iterable[RunConfig]) -> list[RunConfig]:

@@ -32,7 +32,7 @@ LAYERS = (
     ("engine", {"train", "distributed", "trainers", "identity", "records"}),
     ("store", {"runs", "verify", "parallel", "runpages", "archive"}),
     ("declarations", {"profiles", "artefacts"}),
-    ("build", {"buildoptions", "plan", "estimate", "book", "cluster"}),
+    ("build", {"buildoptions", "plan", "estimate", "book", "cluster", "slurmjobs"}),
     ("interface", {"cli", "__main__"}),
 )
 LAYER = {unit: i for i, (_, units) in enumerate(LAYERS) for unit in units}
