@@ -175,7 +175,8 @@ def _plan(p, store, devices, jobs_per_device, epochs, stage_epochs, teacher_epoc
         "combinations": len(combos), "timing_s": timing_s, "unknown": unknown, "runs_dir": str(store.root),
         "to_train_s": sum(est[h] for h in to_train), "all_s": sum(est.values()),
         "scheduled_s": simulate_wall(groups_est, len(devices) if device_type == "cuda" else 1, jobs, here),
-        "gpu": figures().card, "gpu_to_train_s": sum(gpu[h] for h in to_train), "gpu_all_s": sum(gpu.values()),
+        "gpu": figures().card.removeprefix("NVIDIA "), "gpu_to_train_s": sum(gpu[h] for h in to_train),
+        "gpu_all_s": sum(gpu.values()),
         "gpu_scheduled_s": {j: simulate_wall(groups_gpu, 1, j, cuda) for j in sorted({1, jobs, 4})},
     })  # fmt: skip
     return frame
@@ -203,7 +204,7 @@ def format_plan(frame: pd.DataFrame, max_rows: int | None = None) -> str:
     shown = frame.drop(columns="options_hash")
     shown["points %"] = shown["points %"].map(lambda v: f"{v:.1f}")
     shown["est."] = shown.pop("est_s").map(human)
-    shown[f"{a['gpu'].removeprefix('NVIDIA ')} (extrap.)"] = shown.pop("gpu_s").map(human)
+    shown[f"{a['gpu']} (extrap.)"] = shown.pop("gpu_s").map(human)
     for column in shown.columns:  # text left-aligned, numbers right-aligned
         if shown[column].dtype == object:
             width = max(len(column), *(len(str(v)) for v in shown[column]))
