@@ -9,8 +9,12 @@
 #   1. compare, for each PRECISION:COMPILE of COMPARES: reference-style pipeline vs engine, resnet32x4 ->
 #      resnet8x4 KD at batch 64 (images/s, ratio, multiply-add rates, measured matmul peaks, extrapolated epoch
 #      of 50,000 images);
-#   2. the engine's measured epoch of 50,000 images, with FAST (a PRECISION:COMPILE);
-#   3. four concurrent engine processes (FAST) on the one device vs one: total images/s ratio;
+#   2. the engine's measured epoch of 50,000 images, with BOOK (fp32:off, the book's defaults) and FAST (a
+#      PRECISION:COMPILE);
+#   3. four concurrent engine processes (BOOK) on the one device vs one: total images/s ratio; then gpu_figures:
+#      the BOOK epoch and this ratio, with their card, command and date, written to kcdlib/gpu_figures.json (on
+#      CUDA without QUICK; else to a temporary file, checked the same way), the figures the plan's GPU estimate
+#      extrapolates from (kcdlib.estimate), and to $OUT/gpu_figures.json when $OUT is set;
 #   4. KCD cost check (FAST): a pass over a random 35,000-point subset vs the first 35,000 points (within 5 %?);
 #   5. ImageNet input: JPEGs decoded by PIL in DataLoader workers (all cores) vs by nvjpeg on the device, images/s
 #      side by side, and ResNet34 -> ResNet18 KD steps/s at batch 256 in bf16 on in-memory tensors vs fed by the
@@ -33,6 +37,8 @@ BATCH=${BATCH:-64}
 # graph: the whole step as one CUDA graph; default+graph: the same around torch.compile'd networks; off: eager.
 COMPARES=${COMPARES:-bf16:graph fp32:graph bf16:default+graph fp32:off}
 FAST=${FAST:-bf16:graph}
+# The setting of the figures kcd book --plan extrapolates from: the book's defaults (fp32, eager steps).
+BOOK=fp32:off
 if [ "$QUICK" = 1 ]; then
     TEACHER=${TEACHER:-resnet20} STUDENT=${STUDENT:-resnet8}
     POINTS=${POINTS:-600} STEPS=${STEPS:-2} WARMUP=${WARMUP:-1} WORKERS=${WORKERS:-2}
@@ -54,9 +60,13 @@ BENCH=(benchmarks/bench_epoch.py --dataset synthetic --points "$POINTS" --teache
 # --precision P --compile C from "P:C"
 setting() { echo "--precision ${1%%:*} --compile ${1#*:}"; }
 read -r -a FAST_ARGS <<< "$(setting "$FAST")"
+read -r -a BOOK_ARGS <<< "$(setting "$BOOK")"
 FAILED=()
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
+
+# SAVED FILE COMMAND...: run COMMAND, keep its output in FILE and print it (a step whose result a later one reads).
+SAVED=(bash -c 'out=$1; shift; "$@" > "$out"; rc=$?; cat "$out"; exit $rc' saved)
 
 # step NAME LIMIT_S COMMAND...: run under timeout (capped by what is left of TOTAL_S); record a failure.
 step() {
@@ -83,10 +93,10 @@ step() {
 # their warm-up, so their timed windows overlap); total images/s of the group over that of the single one.
 concurrency() {
     local parties=4 pids=() rc=0 i
-    "$PY" "${BENCH[@]}" "${FAST_ARGS[@]}" --mode engine --steps "$CONC_STEPS" > "$TMP/single.json" || return 1
+    "$PY" "${BENCH[@]}" "${BOOK_ARGS[@]}" --mode engine --steps "$CONC_STEPS" > "$TMP/single.json" || return 1
     mkdir -p "$TMP/barrier"
     for i in $(seq "$parties"); do
-        "$PY" "${BENCH[@]}" "${FAST_ARGS[@]}" --mode engine --steps "$CONC_STEPS" --seed "$i" \
+        "$PY" "${BENCH[@]}" "${BOOK_ARGS[@]}" --mode engine --steps "$CONC_STEPS" --seed "$i" \
             --barrier "$TMP/barrier" --parties "$parties" > "$TMP/group.$i.json" &
         pids+=($!)
     done
@@ -104,7 +114,8 @@ overlap = min(g["end_unix"] for g in group) - max(g["start_unix"] for g in group
 total = images / span
 print(json.dumps({
     "benchmark": "concurrency", "teacher": single["teacher"], "student": single["student"],
-    "device_name": single["device_name"], "precision": single["precision"], "processes": parties,
+    "device_name": single["device_name"], "torch": single["torch"], "precision": single["precision"],
+    "compile": single["compile"], "processes": parties,
     "steps_each": single["steps"], "single_images_per_second": single["engine_images_per_second"],
     "group_images_per_second": round(total, 1),
     "group_sum_of_rates": round(sum(g["engine_images_per_second"] for g in group), 1),
@@ -138,10 +149,21 @@ main() {
         step "compare_${c/:/_}" "$limit" "$PY" "${BENCH[@]}" "${args[@]}" --mode compare --steps "$STEPS" \
             --workers "$WORKERS" --peak-size "$PEAK"
     done
-    step "epoch_${FAST/:/_}" 75 "$PY" "${BENCH[@]}" "${FAST_ARGS[@]}" --mode engine --steps 0
+    local epoch=("$PY" "${BENCH[@]}" "${BOOK_ARGS[@]}" --mode engine --steps 0)
+    mkdir -p "$TMP/figures"
+    step "epoch_${BOOK/:/_}" 75 "${SAVED[@]}" "$TMP/figures/epoch.json" "${epoch[@]}"
+    [ "$FAST" != "$BOOK" ] && step "epoch_${FAST/:/_}" 75 "$PY" "${BENCH[@]}" "${FAST_ARGS[@]}" --mode engine --steps 0
     # A function cannot run under `timeout`: the script runs itself for that step (timeout kills the whole
     # process group, the four engine processes included).
-    step concurrency 120 bash benchmarks/gpu_check.sh --concurrency
+    step concurrency 120 "${SAVED[@]}" "$TMP/figures/concurrency.json" bash benchmarks/gpu_check.sh --concurrency
+    local target="$TMP/gpu_figures.json"
+    [ "$DEVICE" = cuda ] && [ "$QUICK" = 0 ] && target=kcdlib/gpu_figures.json
+    step gpu_figures 30 "$PY" benchmarks/gpu_figures.py --out "$target" \
+        --epoch "$TMP/figures/epoch.json" --epoch-command "${epoch[*]}" \
+        --concurrency "$TMP/figures/concurrency.json" --concurrency-command "bash benchmarks/gpu_check.sh \
+--concurrency (one, then 4 at once, of: $PY ${BENCH[*]} ${BOOK_ARGS[*]} --mode engine --steps $CONC_STEPS)" \
+        --source "bash benchmarks/gpu_check.sh, its log (\$OUT/gpu_check.log)" \
+        && if [ -n "${OUT:-}" ] && [ -d "$OUT" ] && [ -w "$OUT" ]; then cp "$target" "$OUT/gpu_figures.json"; fi
     step kcd_cost 90 "$PY" "${BENCH[@]}" "${FAST_ARGS[@]}" --mode kcd-cost --subset "$SUBSET" --repeats "$REPEATS"
     step decode_throughput 150 "$PY" benchmarks/decode_throughput.py --device "$DEVICE" \
         ${DECODE_ARGS[@]+"${DECODE_ARGS[@]}"}

@@ -1,4 +1,5 @@
-"""Runs made elsewhere, rendered here: ``kcd runs export``, ``kcd runs import``, ``kcd book --from-records``.
+"""Runs made elsewhere, rendered here: ``kcd runs export``, ``kcd runs import`` (their command line here and in
+:func:`kcdlib.plan.runs_command`), ``kcd book --from-records``.
 
 An archive is a gzipped tar of ``manifest.json`` and, per run, ``runs/<run hash>/{config.json,record.json}``
 (``model.pt`` too with ``--models``). The manifest lists every file with its SHA-256, the data fingerprints the
@@ -35,7 +36,7 @@ from typing import Any
 from . import files
 from .errors import KcdError
 from .files import atomic_write
-from .identity import RunConfig, identity_digest
+from .identity import RunConfig, identity_digest, with_teachers
 from .records import Damaged, read_record
 from .runs import RunStore
 
@@ -77,11 +78,9 @@ def export_runs(
 ) -> dict[str, Any]:  # fmt: skip
     """Write the records of ``configs`` (and their teachers) that ``store`` holds into the archive ``out``;
     returns the manifest. Runs the store lacks are listed in it (and said)."""
-    from .plan import with_teachers
-
     files: dict[str, bytes] = {}
     runs, missing, data = [], [], {}
-    for cfg in dict.fromkeys(with_teachers(configs)):
+    for cfg in with_teachers(configs):
         rec = store.record(cfg)
         folder = store.path(cfg)
         if rec is None:
@@ -279,12 +278,10 @@ def write_provenance(out: Path, runs_dir: Path, from_records: bool) -> None:
     (out / PROVENANCE_PAGE).write_text(text + "\n")
 
 
-def check_complete(configs: Sequence[RunConfig], store: RunStore) -> None:
-    """Raise :class:`MissingRuns` naming every run of ``configs`` (and their teachers) the store lacks."""
-    from .artefacts.session import describe
-    from .plan import with_teachers
-
-    lacking = [f"{describe(c)} ({store.run_hash(c)})" for c in dict.fromkeys(with_teachers(configs))
+def check_complete(configs: Sequence[RunConfig], store: RunStore, describe: Callable[[RunConfig], str]) -> None:
+    """Raise :class:`MissingRuns` naming every run of ``configs`` (and their teachers) the store lacks, each as
+    ``describe`` says it and by its hash."""
+    lacking = [f"{describe(c)} ({store.run_hash(c)})" for c in with_teachers(configs)
                if store.record(c) is None]  # fmt: skip
     if lacking:
         raise MissingRuns(f"--from-records trains nothing, and the store {store.root} lacks {len(lacking)} runs the "
@@ -311,16 +308,3 @@ def argparse_hidden() -> str:
     import argparse
 
     return argparse.SUPPRESS
-
-
-def command(args) -> int:
-    if args.runs_command == "import":
-        import_runs(args.archive, RunStore(args.runs_dir))
-        return 0
-    from .book import notebooks
-    from .cluster import book_runs
-
-    names = tuple(args.only.split(",")) if args.only else notebooks()
-    configs, store = book_runs(args.profile, names, args.runs_dir, args.data_root, args.device)
-    export_runs(configs, store, args.out, models=args.models, profile=args.profile)
-    return 0

@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with kcd runs import): train nothing, use the recorded data fingerprints, name missing runs",
     )
     add_stale(b)
-    cluster.add_options(b)
+    cluster.add_options(b, at_least)
 
     r = sub.add_parser("runs", help="the run store: verify its runs, export them to an archive, import one")
     runs_sub = r.add_subparsers(dest="runs_command", required=True, metavar="SUBCOMMAND")
@@ -333,49 +333,18 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
     print(f"kcd: warning: {message}", file=sys.stderr if file is None else file)
 
 
-def without_nproc(argv: list[str]) -> list[str]:
-    """``argv`` less its ``--nproc N`` (or ``--nproc=N``, or an abbreviation argparse accepted)."""
-    out, skip = [], False
-    for token in argv:
-        flag = token.split("=", 1)[0]
-        if skip:
-            skip = False
-        elif len(flag) > 4 and "--nproc".startswith(flag):
-            skip = "=" not in token
-        else:
-            out.append(token)
-    return out
-
-
 def launch(argv: list[str], nproc: int) -> int:
     """``kcd ... --nproc N``: the same command under torchrun, on N processes of this machine."""
     if distributed.launched_by_torchrun():
         print("kcd: error: --nproc launches torchrun, and this process already runs under it", file=sys.stderr)
         return EXIT_USAGE
-    proc = subprocess.Popen(distributed.torchrun_command(nproc, without_nproc(argv)),
-                            preexec_fn=die_with(os.getpid()))  # fmt: skip
+    proc = subprocess.Popen(distributed.torchrun_command(nproc, distributed.without_nproc(argv)),
+                            preexec_fn=distributed.die_with(os.getpid()))  # fmt: skip
     try:
         return proc.wait()
     except KeyboardInterrupt:  # torchrun got the same Ctrl-C (one process group): it stops its workers
         proc.wait()
         return EXIT_INTERRUPTED
-
-
-def die_with(parent: int):
-    """A ``preexec_fn``: the child gets SIGTERM when ``parent`` dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG),
-    so a killed ``kcd --nproc`` leaves no torchrun training (torchrun stops its workers on SIGTERM)."""
-    import ctypes
-    import signal
-
-    def preexec() -> None:
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-        except AttributeError:  # no prctl (not Linux): the launcher's own signals still reach torchrun
-            return
-        if os.getppid() != parent:  # the parent died before the request took effect
-            os._exit(1)
-
-    return preexec
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -400,7 +369,9 @@ def run(args: argparse.Namespace) -> int:
             print(summary(verdicts, args.runs_dir))
             return 0 if all(v.ok for v in verdicts) else EXIT_FAILED
         if args.command == "runs":
-            return archive.command(args)
+            from .plan import runs_command
+
+            return runs_command(args)
         if args.command == "book":
             from .book import REPO, build_book
 

@@ -17,10 +17,10 @@ functions to Slurm), not a scheduler of ours. :func:`submit` turns the runs the 
   time limit, or on preemption) submitit requeues it, and the requeued job asks the run store for its runs again,
   which resumes each from its last checkpoint.
 
-The time limit of a job is the plan's H200 estimate of its runs (:func:`kcdlib.plan.h200_run_seconds`) times
-:data:`TIME_MARGIN`, at least :data:`MIN_TIME_MIN`, unless ``time_min`` is given. :func:`wait` prints one line of
-queued/running/done/failed counts whenever they change, and at the end names each failed run with its job id and
-the end of its log; the other jobs go on.
+The time limit of a job is the plan's GPU estimate of its runs (:func:`kcdlib.estimate.gpu_run_seconds`) times
+:data:`TIME_MARGIN`, at least :data:`MIN_TIME_MIN`, unless ``time_min`` is given. While the jobs run, one line of
+queued/running/done/failed counts is printed whenever they change, and at the end each failed run is named with
+its job id and the end of its log (:mod:`kcdlib.slurmjobs`); the other jobs go on.
 
 Several nodes share one run store: it must be on a file system where the run lock (``flock``) holds across nodes
 (:func:`kcdlib.sharedfs.check_lock`).
@@ -28,31 +28,23 @@ Several nodes share one run store: it must be on a file system where the run loc
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
-import subprocess
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import files
 from .errors import BadOption, KcdError
-from .identity import RunConfig
+from .identity import RunConfig, with_teachers
 from .runs import RunStore
+from .slurmjobs import Submitted, failure_report, in_flight, remember, wait, wait_in_flight
 
 # Runs that need a whole node of GPUs (trained under torchrun's rules inside the allocation).
 WHOLE_NODE_DATASETS = ("imagenet",)
 # A job's time limit: its runs' estimated time times this, never under MIN_TIME_MIN minutes.
 TIME_MARGIN = 2.0
 MIN_TIME_MIN = 30
-# Slurm states of a job that ended (without submitit's result file: it died without saying why).
-ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "DEADLINE", "BOOT_FAIL",
-         "SPECIAL_EXIT"}  # fmt: skip
-QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD", "SUSPENDED"}
 
 
 class SlurmError(KcdError):
@@ -140,35 +132,14 @@ class RunJob:
         return submitit.helpers.DelayedSubmission(self)
 
 
-@dataclass
-class Submitted:
-    """A job of a build: its submitit job, the runs it trains, and their folders in the store."""
-
-    job: Any
-    configs: list[RunConfig]
-    folders: list[Path]
-    role: str  # "teachers" or "students"
-    depends_on: list[str] = field(default_factory=list)
-
-    @property
-    def job_id(self) -> str:
-        return str(self.job.job_id)
-
-
-def describe_runs(configs: Sequence[RunConfig]) -> str:
-    from .artefacts.session import describe
-
-    return "; ".join(describe(c) for c in configs)
-
-
 def job_minutes(configs: Sequence[RunConfig], jobs_per_device: int, options: SlurmOptions) -> int:
-    """The job's time limit: ``options.time_min``, or its runs' estimated H200 time (packed runs share a GPU at
+    """The job's time limit: ``options.time_min``, or its runs' estimated GPU time (packed runs share a GPU at
     the measured concurrency) times :data:`TIME_MARGIN`, at least :data:`MIN_TIME_MIN`."""
     if options.time_min is not None:
         return options.time_min
-    from .plan import concurrency_speedup, h200_run_seconds
+    from .estimate import concurrency_speedup, gpu_run_seconds
 
-    seconds = sum(h200_run_seconds(c) for c in configs) / concurrency_speedup(min(jobs_per_device, len(configs)))
+    seconds = sum(gpu_run_seconds(c) for c in configs) / concurrency_speedup(min(jobs_per_device, len(configs)))
     return max(MIN_TIME_MIN, math.ceil(TIME_MARGIN * seconds / 60))
 
 
@@ -216,12 +187,11 @@ def submit(
     """Submit the runs of ``configs`` (and their teachers) that ``store`` lacks; returns the jobs (none when the
     store holds every run). Teachers come first (one array); each student job depends on its teachers' jobs."""
     check_slurm()
-    from .plan import with_teachers
     from .sharedfs import check_lock
 
     check_lock(store.root)
     check_lock(options.logs)
-    missing = [c for c in dict.fromkeys(with_teachers(configs)) if store.record(c) is None]
+    missing = [c for c in with_teachers(configs) if store.record(c) is None]
     # A run in a job submitted before (kcd book --no-wait, then kcd book again) is not submitted twice.
     busy = in_flight(options.logs)
     missing = [c for c in missing if store.run_hash(c) not in busy]
@@ -274,163 +244,10 @@ def submit(
     for deps, runs in by_deps.items():
         for ranks, groups in packed(runs).items():
             array(groups, "students", ranks, list(deps))
-    _remember(options.logs, {folder.name: s.job_id for s in submitted for folder in s.folders})
+    remember(options.logs, {folder.name: s.job_id for s in submitted for folder in s.folders})
     echo(f"slurm: submitted {len(submitted)} jobs for {len(missing)} runs ({len(teachers)} teachers first); "
          f"logs in {options.logs}")  # fmt: skip
     return submitted
-
-
-# Which Slurm job trains which run, for a later kcd book (run hash -> job id), in submitit's folder.
-SUBMITTED_FILE = "submitted.json"
-
-
-def _remember(logs: str, jobs: dict[str, str]) -> None:
-    path = Path(logs) / SUBMITTED_FILE
-    known = _read_submitted(path)
-    files.atomic_write(path, (json.dumps({**known, **jobs}, indent=1) + "\n").encode())
-
-
-def _read_submitted(path: Path) -> dict[str, str]:
-    try:
-        known = files.read_json(path)
-    except (OSError, ValueError):  # missing, or not strict JSON (files.BadFile)
-        return {}
-    return (
-        {k: v for k, v in known.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(known, dict) else {}
-    )
-
-
-def in_flight(logs: str) -> dict[str, str]:
-    """The runs (hash -> job id) of jobs submitted before that Slurm still lists as queued or running."""
-    known = _read_submitted(Path(logs) / SUBMITTED_FILE)
-    states = slurm_states(sorted(set(known.values())))
-    return {run: job for run, job in known.items() if states.get(job) and states[job] not in ENDED}
-
-
-def wait_in_flight(logs: str, echo: Callable[[str], None], poll_s: float) -> None:
-    """Wait for the jobs of an earlier ``kcd book`` still queued or running (one line when their count changes)."""
-    shown = -1
-    while busy := in_flight(logs):
-        jobs = sorted(set(busy.values()))
-        if len(jobs) != shown:
-            echo(f"slurm: waiting for {len(jobs)} jobs submitted before ({', '.join(jobs)}) training {len(busy)} runs")
-            shown = len(jobs)
-        time.sleep(poll_s)
-
-
-def slurm_states(job_ids: Sequence[str]) -> dict[str, str]:
-    """Slurm's state of each job (array tasks as ``<array id>_<task>``); jobs Slurm no longer knows are absent."""
-    arrays = sorted({j.split("_")[0] for j in job_ids})
-    if not arrays:
-        return {}
-    try:
-        out = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", ",".join(arrays)],
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    states = {}
-    for line in out.stdout.splitlines():
-        job, _, state = line.strip().partition("|")
-        states[job] = state.split()[0] if state else ""
-    return states
-
-
-@dataclass
-class Outcome:
-    """A job's end: ``ok``, or the reason it failed and the end of its log."""
-
-    ok: bool
-    why: str = ""
-    log_tail: str = ""
-
-
-def outcome(s: Submitted, state: str | None) -> Outcome | None:
-    """The job's end when it ended (None while queued or running): submitit's result file says, else Slurm's
-    state (a job that died without a result, or a student cancelled because its teacher failed)."""
-    job = s.job
-    if job.paths.result_pickle.exists():
-        try:
-            job.result()
-            return Outcome(True)
-        except Exception as err:  # noqa: BLE001 - the job's own exception, as submitit gives it back
-            return Outcome(False, exception_line(str(err)) or type(err).__name__, log_tail(job))
-    if state in ENDED:
-        why = f"Slurm ended it as {state} without a result"
-        if state == "CANCELLED" and s.depends_on:
-            why += f" (it waited for teacher job {', '.join(s.depends_on)}, which failed)"
-        return Outcome(False, why, log_tail(job))
-    return None
-
-
-def exception_line(traceback: str) -> str:
-    """The line of a traceback that names the exception (``CheckpointError: ...``), shortened."""
-    lines = [line.strip() for line in traceback.strip().splitlines() if line.strip()]
-    named = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b.*", line)]
-    line = (named or lines or [""])[-1]
-    return line if len(line) <= 300 else line[:297] + "..."
-
-
-def log_tail(job, lines: int = 8) -> str:
-    text = ""
-    for path in (job.paths.stderr, job.paths.stdout):
-        try:
-            text = Path(path).read_text(errors="replace")
-        except OSError:
-            continue
-        if text.strip():
-            break
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
-def wait(
-    submitted: Sequence[Submitted], echo: Callable[[str], None] = print, poll_s: float = 5.0, gone_s: float = 120.0
-) -> dict[str, Outcome]:
-    """Wait until every job ended, printing ``slurm: 2 queued, 1 running, 5 done, 0 failed`` whenever the counts
-    change. Returns each job's :class:`Outcome` by job id; failures do not stop the others. A job Slurm no longer
-    lists and that left no result for ``gone_s`` counts as failed."""
-    ended: dict[str, Outcome] = {}
-    unseen_since: dict[str, float] = {}
-    shown = ""
-    while True:
-        states = slurm_states([s.job_id for s in submitted if s.job_id not in ended])
-        counts = {"queued": 0, "running": 0}
-        for s in submitted:
-            if s.job_id in ended:
-                continue
-            state = states.get(s.job_id)
-            end = outcome(s, state)
-            if end is None and state is None:
-                first = unseen_since.setdefault(s.job_id, time.monotonic())
-                if time.monotonic() - first > gone_s:
-                    end = Outcome(False, "Slurm no longer lists it and it left no result", log_tail(s.job))
-            if end is not None:
-                ended[s.job_id] = end
-            elif state in QUEUED:
-                counts["queued"] += 1
-            else:
-                counts["running"] += 1
-        done = sum(o.ok for o in ended.values())
-        line = (f"slurm: {counts['queued']} queued, {counts['running']} running, {done} done, "
-                f"{len(ended) - done} failed ({len(submitted)} jobs)")  # fmt: skip
-        if line != shown:
-            echo(line)
-            shown = line
-        if len(ended) == len(submitted):
-            return ended
-        time.sleep(poll_s)
-
-
-def failure_report(submitted: Sequence[Submitted], outcomes: dict[str, Outcome]) -> str:
-    """Each failed job: its runs, its job id, why, and the end of its log."""
-    parts = []
-    for s in submitted:
-        o = outcomes.get(s.job_id)
-        if o is None or o.ok:
-            continue
-        runs = ", ".join(f"{describe_runs([c])} ({f.name})" for c, f in zip(s.configs, s.folders))
-        tail = "\n".join("    " + line for line in o.log_tail.splitlines())
-        parts.append(f"job {s.job_id} failed: {o.why}\n  runs: {runs}\n  log {s.job.paths.stderr}:\n{tail}")
-    return "\n".join(parts)
 
 
 def ensure_on_slurm(
@@ -460,10 +277,9 @@ def ensure_on_slurm(
 
 
 # -- the command line: kcd book --executor slurm ---------------------------------------------------------------
-def add_options(parser) -> None:
-    """``kcd book``'s executor options (here, beside what they drive, so the command line only adds a call)."""
-    from .cli import at_least
-
+def add_options(parser, at_least) -> None:
+    """``kcd book``'s executor options (here, beside what they drive, so the command line only adds a call);
+    ``at_least(n)``: the command line's argparse type of a whole number no smaller than ``n``."""
     parser.add_argument("--executor", choices=("local", "slurm"), default="local", help="where missing runs train: "
                         "local (default: this machine's --devices) or slurm (submitted through submitit)")  # fmt: skip
     parser.add_argument("--no-wait", action="store_true", help="with --executor slurm: submit and exit; run the "
@@ -476,7 +292,7 @@ def add_options(parser) -> None:
                    "torchrun's rules on all of them; default 1); CIFAR jobs take one. 0: CPU jobs")  # fmt: skip
     g.add_argument("--cpus-per-job", type=at_least(1), help="CPUs per task (default: the partition's)")
     g.add_argument("--mem-gb", type=float, help="memory per job in GB (default: the partition's)")
-    g.add_argument("--time-min", type=at_least(1), help=f"time limit per job in minutes (default: the plan's H200 "
+    g.add_argument("--time-min", type=at_least(1), help=f"time limit per job in minutes (default: the plan's GPU "
                    f"estimate x {TIME_MARGIN:g}, at least {MIN_TIME_MIN})")  # fmt: skip
     g.add_argument("--array-parallelism", type=at_least(1), default=32, help="array jobs running at once (32)")
     g.add_argument("--sbatch", action="append", default=[], metavar="--KEY=VALUE",
@@ -523,6 +339,7 @@ def runs_before_notebooks(profile: str, names: Sequence[str], parameters: dict[s
     """``kcd book``'s runs before its notebooks: ``from_records``, every run checked to be in the store; with
     ``slurm``, the missing ones trained on the cluster. False when the jobs were submitted without waiting."""
     from .archive import check_complete, recorded_env
+    from .artefacts.session import describe
 
     with recorded_env(from_records):
         configs, store = book_runs(profile, names, parameters["runs_dir"], parameters["data_root"],
@@ -530,7 +347,7 @@ def runs_before_notebooks(profile: str, names: Sequence[str], parameters: dict[s
                                    {k: parameters[k] for k in ("epochs", "stage_epochs", "teacher_epochs")
                                     if k in parameters}, parameters["compile_mode"], parameters["stale"])  # fmt: skip
         if from_records:
-            check_complete(configs, store)
+            check_complete(configs, store, describe)
             datasets = ", ".join(sorted(store.recorded_fingerprints))
             echo(f"rendering from the records in {store.root}: the data fingerprints and the code are the recorded "
                  f"ones ({datasets}; code {store.code}), nothing is trained")  # fmt: skip

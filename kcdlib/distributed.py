@@ -328,3 +328,34 @@ __all__ = [
     "CpuSyncBatchNorm", "DistributedMismatch", "Group", "close", "digest", "from_env", "part_sizes", "replicate",
     "sync_batchnorm", "torchrun_command",
 ]  # fmt: skip
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less its ``--nproc N`` (or ``--nproc=N``, or an abbreviation argparse accepted)."""
+    out, skip = [], False
+    for token in argv:
+        flag = token.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif len(flag) > 4 and "--nproc".startswith(flag):
+            skip = "=" not in token
+        else:
+            out.append(token)
+    return out
+
+
+def die_with(parent: int):
+    """A ``preexec_fn``: the child gets SIGTERM when ``parent`` dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG),
+    so a killed ``kcd --nproc`` leaves no torchrun training (torchrun stops its workers on SIGTERM)."""
+    import ctypes
+    import signal
+
+    def preexec() -> None:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        except AttributeError:  # no prctl (not Linux): the launcher's own signals still reach torchrun
+            return
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os._exit(1)
+
+    return preexec

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,3 +236,17 @@ def difference(old: dict[str, Any], new: dict[str, Any]) -> str:
             reasons.append(f"made on other data ({split} split {str(a.get(f'{split}_sha256'))[:12]}, now "
                            f"{b[f'{split}_sha256'][:12]})")  # fmt: skip
     return " and ".join(reasons) or "made under another identity"
+
+
+def with_teachers(configs: Iterable[RunConfig]) -> list[RunConfig]:
+    """``configs``, each once, in order, with before each distillation the teacher runs it learns from (the store
+    trains a teacher before its student, so this is the order runs are made in)."""
+    out: dict[str, RunConfig] = {}
+    for cfg in configs:
+        chain = []
+        while cfg is not None:
+            chain.append(cfg)
+            cfg = cfg.teacher
+        for c in reversed(chain):
+            out.setdefault(c.options_hash, c)
+    return list(out.values())

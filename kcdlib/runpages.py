@@ -18,7 +18,7 @@ from typing import Any
 from . import data as datasets
 from . import distillers, methods
 from .folders import run_folder
-from .identity import RunConfig
+from .identity import RunConfig, with_teachers
 from .records import Damaged, read_record
 from .runs import RunStore
 
@@ -30,19 +30,6 @@ INDEX = f"{FOLDER}/index"
 def href(run_hash: str) -> str:
     """The link from an artefact's page (``book/artefacts/<name>``) to a run's page."""
     return f"../runs/{run_hash}.html"
-
-
-def with_teachers(configs: Iterable[RunConfig]) -> list[RunConfig]:
-    """``configs`` and, before each distillation, the teacher run it learned from (each once)."""
-    out: dict[str, RunConfig] = {}
-    for cfg in configs:
-        chain = []
-        while cfg is not None:
-            chain.append(cfg)
-            cfg = cfg.teacher
-        for c in reversed(chain):
-            out.setdefault(c.options_hash, c)
-    return list(out.values())
 
 
 def differences(config: dict[str, Any]) -> dict[str, Any]:

@@ -119,3 +119,44 @@ def test_graph_check_reports_the_fallback_on_a_cpu(capsys, one_thread):
     assert row["max_abs_diff_graph"] == row["max_abs_diff_eager_again"] == 0.0
     assert row["eager_fallback"] and row["graph_recordings"] == 0 and not row["ok"]
     assert len(row["loss_graph"]) == 2 and row["loss_graph"] == row["loss_eager"]
+
+
+def test_gpu_figures_are_written_from_gpu_checks_results_as_the_estimate_reads_them(tmp_path, capsys):
+    """benchmarks/gpu_figures.py on the H200 log's epoch and concurrency lines (the concurrency line as the
+    current gpu_check.sh prints it, with torch and compile) writes the figures kcdlib ships."""
+    from kcdlib import estimate
+
+    log = (BENCHMARKS / "results" / "gpu_check_h200_2026-11-28.log").read_text().splitlines()
+    after = {log[i - 1]: line for i, line in enumerate(log) if i and line.startswith("{")}
+    epoch = json.loads(next(v for k, v in after.items() if k.startswith("## epoch_fp32 ")))
+    conc = json.loads(next(v for k, v in after.items() if k.startswith("## concurrency ")))
+    conc |= {"torch": epoch["torch"], "compile": "off"}
+    for name, row in (("epoch", epoch), ("concurrency", conc)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(row))
+    out = tmp_path / "gpu_figures.json"
+    argv = [
+        "--epoch",
+        str(tmp_path / "epoch.json"),
+        "--epoch-command",
+        "python3 benchmarks/bench_epoch.py ...",
+        "--concurrency",
+        str(tmp_path / "concurrency.json"),
+        "--concurrency-command",
+        "bash gpu_check.sh",
+        "--source",
+        "benchmarks/results/gpu_check_h200_2026-11-28.log",
+        "--date",
+        "2026-11-28",
+        "--out",
+        str(out),
+    ]
+    assert load("gpu_figures").main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["ok"]
+    written, shipped = estimate.figures(out), estimate.figures()
+    assert written == shipped
+    # A result measured at another setting is refused, and nothing is written.
+    (tmp_path / "epoch.json").write_text(json.dumps(epoch | {"precision": "bf16"}))
+    out.unlink()
+    assert load("gpu_figures").main(argv) == 1
+    assert "the estimate is of the book's defaults" in json.loads(capsys.readouterr().out)["error"]
+    assert not out.exists()

@@ -332,7 +332,7 @@ def documented_commands(text: str, command: str) -> list[list[str]]:
 def test_the_readme_cli_examples_reuse_the_smoke_books_runs():
     """After `make book`, the README's first examples print a record at once (they trained 30 epochs from scratch):
     each is a run the smoke book trains, but the one it says is new (UNIX at k=48)."""
-    from kcdlib.plan import with_teachers
+    from kcdlib.identity import with_teachers
 
     readme = (book.REPO / "README.md").read_text()
     section = readme[readme.index("## The command line") : readme.index("### The run store")]

@@ -13,9 +13,9 @@ from conftest import CHILD_ENV, STUDENT, TEACHER, TEACHER_EPOCHS, copy_run
 from test_data import write_image_folder
 from test_store import leftovers, stable, stored
 
-from kcdlib.cli import build_parser, config_from_args, without_nproc
+from kcdlib.cli import build_parser, config_from_args
 from kcdlib.data import batch_part, load_dataset, load_digits
-from kcdlib.distributed import part_sizes, torchrun_command
+from kcdlib.distributed import part_sizes, torchrun_command, without_nproc
 from kcdlib.runs import RunStore
 
 # Two epochs of one stage each: one condensation (entropy-ranked, mixed images), checkpointed after each epoch.

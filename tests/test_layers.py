@@ -29,10 +29,10 @@ LAYERS = (
         },
     ),  # fmt: skip
     ("components", {"models", "condense", "distillers", "methods", "released", "data"}),
-    ("engine", {"train", "distributed", "trainers", "identity", "records"}),
+    ("engine", {"train", "distributed", "trainers", "identity", "records", "folders"}),
     ("store", {"runs", "verify", "parallel", "runpages", "archive"}),
-    ("declarations", {"profiles", "artefacts"}),
-    ("build", {"buildoptions", "plan", "estimate", "book", "cluster"}),
+    ("declarations", {"profiles", "buildoptions", "artefacts"}),
+    ("build", {"plan", "estimate", "book", "cluster", "slurmjobs"}),
     ("interface", {"cli", "__main__"}),
 )
 LAYER = {unit: i for i, (_, units) in enumerate(LAYERS) for unit in units}

@@ -17,9 +17,10 @@ import pytest
 import torch
 from conftest import CHILD_ENV
 
-from kcdlib.cluster import SlurmError, SlurmOptions, ensure_on_slurm, submit, wait
+from kcdlib.cluster import SlurmError, SlurmOptions, ensure_on_slurm, submit
 from kcdlib.identity import distill_config, teacher_config
 from kcdlib.runs import RunStore
+from kcdlib.slurmjobs import wait
 
 pytestmark = pytest.mark.slow
 START = Path(__file__).parent / "slurm" / "start.sh"
@@ -161,11 +162,11 @@ def test_a_store_where_the_lock_does_not_hold_across_nodes_is_refused(tmp_path):
 
 def test_time_limits_come_from_the_plan_with_a_margin(tmp_path):
     from kcdlib.cluster import MIN_TIME_MIN, job_minutes
-    from kcdlib.plan import h200_run_seconds
+    from kcdlib.estimate import gpu_run_seconds
 
     cifar = distill_config("cifar100", "resnet8x4", teacher_checkpoint=__file__, teacher_arch="resnet32x4")
     opts = SlurmOptions(logs=str(tmp_path))
-    assert job_minutes([cifar], 1, opts) == max(MIN_TIME_MIN, -(-2 * h200_run_seconds(cifar) // 60))
+    assert job_minutes([cifar], 1, opts) == max(MIN_TIME_MIN, -(-2 * gpu_run_seconds(cifar) // 60))
     assert job_minutes([cifar] * 4, 4, opts) < job_minutes([cifar] * 4, 1, opts)  # packed runs share the GPU
     assert job_minutes([cifar], 1, SlurmOptions(logs=str(tmp_path), time_min=7)) == 7
     assert SlurmOptions(logs="x", sbatch=("--mail-type=END", "--constraint=h100")).extra() == {

@@ -56,7 +56,7 @@ class Session:
             ensure_all(missing, str(store.root), store.data_root, self.devices, self.jobs_per_device, progress,
                        store.compile, store.stale)  # fmt: skip
         # A teacher run the store would train inside its student's ensure() gets its own turn (and label) first.
-        from ..plan import with_teachers
+        from ..identity import with_teachers
 
         order = with_teachers(configs)
         records = {}
