@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .buildoptions import BuildOptions
 from .errors import BadOption, KcdError
 from .identity import RunConfig, with_teachers
 from .runs import RunStore
@@ -310,23 +311,11 @@ def options_from_args(args, runs_dir: Path) -> SlurmOptions:
     )  # fmt: skip
 
 
-def book_runs(
-    profile: str,
-    names: Sequence[str],
-    runs_dir: str,
-    data_root: str,
-    device: str,
-    teachers_dir=None,
-    schedule: dict[str, int] | None = None,
-    compile: str = "off",
-    stale: str = "stop",
-):
-    """The runs the notebooks ``names`` ask for (with their parameters as ``kcd book`` passes them), and the
-    store they are looked up in."""
+def book_runs(build: BuildOptions, names: Sequence[str]):
+    """The runs the notebooks ``names`` ask for in the build ``build``, and the store they are looked up in."""
     from . import artefacts
 
-    session = artefacts.setup(profile, runs_dir, data_root, device, teachers_dir=teachers_dir, compile=compile,
-                              stale=stale, **(schedule or {}))  # fmt: skip
+    session = artefacts.setup(build)
     configs = []
     for name in names:
         a = artefacts.get(name)
@@ -334,25 +323,22 @@ def book_runs(
     return artefacts.unique(configs), session.store
 
 
-def runs_before_notebooks(profile: str, names: Sequence[str], parameters: dict[str, Any], slurm, wait: bool,
-                          from_records: bool, echo: Callable[[str], None]) -> bool:  # fmt: skip
+def runs_before_notebooks(build: BuildOptions, names: Sequence[str], slurm, wait: bool, from_records: bool,
+                          echo: Callable[[str], None]) -> bool:  # fmt: skip
     """``kcd book``'s runs before its notebooks: ``from_records``, every run checked to be in the store; with
     ``slurm``, the missing ones trained on the cluster. False when the jobs were submitted without waiting."""
     from .archive import check_complete, recorded_env
     from .artefacts.session import describe
 
     with recorded_env(from_records):
-        configs, store = book_runs(profile, names, parameters["runs_dir"], parameters["data_root"],
-                                   parameters["device"], parameters["teachers_dir"],
-                                   {k: parameters[k] for k in ("epochs", "stage_epochs", "teacher_epochs")
-                                    if k in parameters}, parameters["compile_mode"], parameters["stale"])  # fmt: skip
+        configs, store = book_runs(build, names)
         if from_records:
             check_complete(configs, store, describe)
             datasets = ", ".join(sorted(store.recorded_fingerprints))
             echo(f"rendering from the records in {store.root}: the data fingerprints and the code are the recorded "
                  f"ones ({datasets}; code {store.code}), nothing is trained")  # fmt: skip
             return True
-    submitted = ensure_on_slurm(configs, store, slurm, parameters["jobs_per_device"], wait, echo)
+    submitted = ensure_on_slurm(configs, store, slurm, build.jobs_per_device, wait, echo)
     if submitted and not wait:
         echo("slurm: submitted; run the same kcd book again to render the book once the jobs have finished")
         return False

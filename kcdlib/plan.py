@@ -17,13 +17,13 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import pandas as pd
 import torch
 
 from . import archive, artefacts
 from .artefacts.common import non_default_options
+from .buildoptions import BuildOptions
 from .errors import DatasetInvalid, DatasetMissing
 from .estimate import (
     CPU_TIMING_THREADS,
@@ -110,8 +110,8 @@ def plan(
 def _plan(p, store, devices, jobs_per_device, epochs, stage_epochs, teacher_epochs, timer, echo) -> pd.DataFrame:
     timer = timer or time_steps
     if any(v is not None for v in (epochs, stage_epochs, teacher_epochs)):
-        p = artefacts.setup(p, str(store.root), store.data_root, str(store.device), epochs=epochs,
-                            stage_epochs=stage_epochs, teacher_epochs=teacher_epochs).profile  # fmt: skip
+        schedule = BuildOptions(profile=p.name, epochs=epochs, stage_epochs=stage_epochs, teacher_epochs=teacher_epochs)
+        p = schedule.applied(p)
     devices = list(devices or [str(store.device)])
     jobs = jobs_per_device or 1
     echo = echo or (lambda line: None)
@@ -267,32 +267,18 @@ def format_plan(frame: pd.DataFrame, max_rows: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def plan_command(
-    profile: str,
-    data_root: str = "data",
-    runs_dir: str | None = None,
-    device: str | None = None,
-    devices: list[str] | None = None,
-    jobs_per_device: int = 1,
-    teachers_dir: str | None = None,
-    schedule: dict[str, int] | None = None,
-) -> str:
-    """``kcd book --plan``: the plan as text. Without ``device`` the profile's is used, or the CPU when the
-    profile's is a GPU this machine does not have (said on standard error)."""
-    from .book import REPO
-    from .options import device as resolve_device
-
-    p = get_profile(profile)
-    if device is None:
-        device = (devices or [None])[0] or p.device
+def plan_command(build: BuildOptions) -> str:
+    """``kcd book --plan``: the plan of the build ``build`` as text. Without a device the profile's is used, or the
+    CPU when the profile's is a GPU this machine does not have (said on standard error)."""
+    p = get_profile(build.profile)
+    if build.device is None:
+        device = (build.devices or [None])[0] or p.device
         if device.startswith("cuda") and not torch.cuda.is_available():
             print(f"kcd: profile '{p.name}' runs on {device}, which this machine lacks: timing on the CPU "
                   "(run the same command on the GPU machine for its estimate)", file=sys.stderr)  # fmt: skip
             device = "cpu"
-    device = resolve_device(device)
-    runs_dir = str(Path(runs_dir or REPO / "runs").resolve())
-    session = artefacts.setup(p, runs_dir, data_root, device, devices=devices, jobs_per_device=jobs_per_device,
-                              teachers_dir=teachers_dir, **(schedule or {}))  # fmt: skip
+        build = build.with_(device=device)
+    session = artefacts.setup(build)
     frame = plan(session.profile, session.store, devices=session.devices, jobs_per_device=session.jobs_per_device,
                  echo=lambda line: print(f"kcd: {line}", file=sys.stderr))  # fmt: skip
     return format_plan(frame)
@@ -307,6 +293,8 @@ def runs_command(args) -> int:
     from .cluster import book_runs
 
     names = tuple(args.only.split(",")) if args.only else artefacts.names()
-    configs, store = book_runs(args.profile, names, args.runs_dir, args.data_root, args.device)
+    configs, store = book_runs(
+        BuildOptions(profile=args.profile, runs_dir=args.runs_dir, data_root=args.data_root, device=args.device), names
+    )
     archive.export_runs(configs, store, args.out, models=args.models, profile=args.profile)
     return 0

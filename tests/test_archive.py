@@ -14,6 +14,7 @@ from conftest import run_cli
 
 from kcdlib import NUMERICS_VERSION, book
 from kcdlib.archive import export_runs, import_runs, recorded_code, recorded_fingerprints
+from kcdlib.buildoptions import BuildOptions
 from kcdlib.cli import main
 from kcdlib.cluster import book_runs
 from kcdlib.errors import DatasetMissing, StoreError
@@ -39,8 +40,14 @@ def table_cells(nb_path: Path) -> list[list[str]]:
 def exported(tmp_path_factory, runs_dir, digits_teacher, monkeypatch_module):
     """The tiny profile's table 5 built here, and its runs exported (with their models)."""
     out = tmp_path_factory.mktemp("built")
-    book.build_book("tiny", runs_dir=runs_dir, out=out, names=(NOTEBOOK,), html=False, echo=lambda line: None)
-    configs, store = book_runs("tiny", (NOTEBOOK,), str(runs_dir), "data", "cpu")
+    book.build_book(
+        BuildOptions(profile="tiny", runs_dir=str(runs_dir)),
+        out=out,
+        names=(NOTEBOOK,),
+        html=False,
+        echo=lambda line: None,
+    )
+    configs, store = book_runs(BuildOptions(profile="tiny", runs_dir=str(runs_dir), device="cpu"), (NOTEBOOK,))
     archive = out / "runs.tar.gz"
     manifest = export_runs(configs, store, archive, models=True, profile="tiny", echo=lambda line: None)
     return out, archive, manifest, configs, store

@@ -36,7 +36,7 @@ def tiny_book(tmp_path_factory, runs_dir, digits_teacher):
     with pytest.MonkeyPatch.context() as mp:
         # The kernels run beside the test process on a small machine: one thread each (see conftest.CHILD_ENV).
         mp.setenv("OMP_NUM_THREADS", "1")
-        html = book.build_book("tiny", runs_dir=runs_dir, out=out, echo=lines.append, jobs=2)
+        html = book.build_book(BuildOptions(profile="tiny", runs_dir=str(runs_dir)), out=out, echo=lines.append, jobs=2)
     return out, html, lines
 
 

@@ -10,6 +10,7 @@ from conftest import copy_run, run_cli, short_kd
 import kcdlib.data
 from kcdlib import cli, verify
 from kcdlib.book import build_book
+from kcdlib.buildoptions import BuildOptions
 from kcdlib.records import read_record, sealed
 
 
@@ -163,10 +164,9 @@ def test_cli_bad_input_is_one_line(copied, capsys, args, why):
 def test_book_verify_checks_the_store_and_fails_the_build(copied, tmp_path):
     root, teacher, _ = copied
     lines = []
-    build_book("tiny", device="cpu", runs_dir=root, out=tmp_path / "book", names=(), html=False, verify=True,
-               echo=lines.append)  # fmt: skip
+    build = BuildOptions(profile="tiny", device="cpu", runs_dir=str(root))
+    build_book(build, out=tmp_path / "book", names=(), html=False, verify=True, echo=lines.append)
     assert lines[-1] == f"verified 2 runs in {root}: 2 ok"
     forge(teacher, **shifted(teacher, 4))
     with pytest.raises(verify.VerificationFailed, match=f"^1 of 2 runs in {root} failed verification: {teacher.name}$"):
-        build_book("tiny", device="cpu", runs_dir=root, out=tmp_path / "book", names=(), html=False, verify=True,
-                   echo=lines.append)  # fmt: skip
+        build_book(build, out=tmp_path / "book", names=(), html=False, verify=True, echo=lines.append)
