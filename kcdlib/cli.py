@@ -379,11 +379,7 @@ def run(args: argparse.Namespace) -> int:
             if args.plan:
                 from .plan import plan_command
 
-                schedule = {
-                    k: getattr(build, k) for k in ("epochs", "stage_epochs", "teacher_epochs") if getattr(build, k)
-                }
-                print(plan_command(build.profile, build.data_root, build.runs_dir, build.device, build.devices,
-                                   build.jobs_per_device, build.teachers_dir, schedule))  # fmt: skip
+                print(plan_command(build))
                 return 0
             out = build_book(
                 build, html=not args.skip_html, jobs=args.jobs, out=args.out, verify=args.verify,
