@@ -32,7 +32,7 @@ import torch
 
 from . import artefacts, condense, cost, models
 from . import data as datasets
-from .artefacts.common import non_default_options
+from .artefacts.captions import non_default_options
 from .data import DeviceDataset
 from .distillers import DistillContext
 from .distillers import build as build_distiller

@@ -8,7 +8,7 @@ import jupytext
 import pytest
 
 from kcdlib import artefacts, book, distillers, plan
-from kcdlib.artefacts import common, session, table1, table4, table5
+from kcdlib.artefacts import captions, declare, session, table1, table4, table5
 from kcdlib.profiles import get_profile
 from kcdlib.runs import RunStore
 
@@ -32,9 +32,9 @@ def test_registry_runner_plan_and_notebook_files_agree():
 
 def test_a_registered_artefact_appears_in_the_runs_the_plan_and_the_toc(monkeypatch):
     p = get_profile("tiny")
-    extra = common.student_run(p, "resnet14")
+    extra = declare.student_run(p, "resnet14")
     assert extra.options_hash not in {c.options_hash for c in artefacts.all_runs(p)}
-    scratch = common.Artefact("scratch_table", "A scratch table", "paper", 75, lambda p: {"row": [extra]})
+    scratch = declare.Artefact("scratch_table", "A scratch table", "paper", 75, lambda p: {"row": [extra]})
     monkeypatch.setitem(artefacts.ARTEFACTS, "scratch_table", scratch)
     names = artefacts.names()
     assert names.index("table7") < names.index("scratch_table") < names.index("figure5")  # order 75
@@ -85,9 +85,9 @@ def test_a_knob_changes_the_runs_it_names_and_no_other(tmp_path):
         else:  # the teachers and the students trained alone; UNIX keeps its own loss
             assert new.options_hash == old.options_hash
     store = RunStore(tmp_path)
-    kd = common.distill(hot, hot.table2_pair)
+    kd = declare.distill(hot, hot.table2_pair)
     assert store.identity(kd)["run"]["distiller_options"]["temperature"] == 2.0
-    assert store.run_hash(kd) != store.run_hash(common.distill(default, default.table2_pair))
+    assert store.run_hash(kd) != store.run_hash(declare.distill(default, default.table2_pair))
 
 
 def test_kcd_knobs_reach_every_kcd_run_but_a_table_keeps_its_own_setting(tmp_path):
@@ -102,7 +102,7 @@ def test_kcd_knobs_reach_every_kcd_run_but_a_table_keeps_its_own_setting(tmp_pat
         assert o["rho"] == (p.rhos[0] if cfg.options_hash in own_rho else 0.5)
         assert o["alpha"] == (0.0 if cfg in alpha0 else p.alphas[0] if cfg.options_hash in own_alpha else 0.1)
     # UNIX's k is matched to KCD's C, which follows ρ.
-    assert common.kcd_computation(p) < common.kcd_computation(get_profile("tiny"))
+    assert declare.kcd_computation(p) < declare.kcd_computation(get_profile("tiny"))
 
 
 def test_a_new_distiller_gets_its_table1_rows_from_the_registry(monkeypatch):
@@ -138,7 +138,7 @@ def test_the_session_reports_the_run_and_epoch_in_progress(tmp_path):
 
     progress_file = tmp_path / "progress.txt"
     p = get_profile("tiny")
-    cfg = common.distill(p, p.table2_pair)
+    cfg = declare.distill(p, p.table2_pair)
     s = session.Session(p, Store(), ["cpu"], progress_file=progress_file)
     assert s.ensure([cfg], progress=False) == [{"arch": "resnet8"}]  # the records of the runs asked for only
     teacher = f"run 1/2: resnet20 trained alone ({p.teacher_epochs} epochs), seed 0"
@@ -172,11 +172,11 @@ def test_captions_name_the_settings_the_runs_used(tmp_path):
     s = session.setup("smoke", str(tmp_path), temperature=2, epochs=4)
     runs = table5.ARTEFACT.runs(s.profile)
     assert {dict(c.distiller_options)["temperature"] for c in runs} == {2}
-    text = common.caption("Table 5", s.profile, s.profile.grid_pairs, runs=runs, varied=("alpha",))
+    text = captions.caption("Table 5", s.profile, s.profile.grid_pairs, runs=runs, varied=("alpha",))
     assert text.startswith("Table 5. This build: 4 epochs, KCD stages of 2; not the paper's settings: T=2. ")
     assert "as in the paper" not in text and "with its schedule changed by the parameters" in text
     plain = session.setup("smoke", str(tmp_path))
-    text = common.caption("Table 5", plain.profile, plain.profile.grid_pairs, runs=table5.ARTEFACT.runs(plain.profile),
-                          varied=("alpha",))  # fmt: skip
+    text = captions.caption("Table 5", plain.profile, plain.profile.grid_pairs,
+                            runs=table5.ARTEFACT.runs(plain.profile), varied=("alpha",))  # fmt: skip
     assert "not the paper's" not in text and text.startswith("Table 5. This build: 12 epochs, KCD stages of 2. ")
     assert "Profile 'smoke' (digits on the CPU" in text

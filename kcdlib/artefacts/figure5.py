@@ -5,7 +5,7 @@ Rows: one KC-KD run (seed 0) of the profile's Figure-5 student from each of its 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -13,8 +13,12 @@ import torch
 from .. import condense
 from ..profiles import Profile
 from ..runs import RunConfig, RunStore
-from .common import Artefact, Figure, changed_settings, distill_pair, run_hashes
-from .session import Session
+from .captions import changed_settings
+from .declare import Artefact, distill_pair
+from .format import Figure, run_hashes
+
+if TYPE_CHECKING:
+    from .session import Session  # the notebook's, for build(); a declaration needs no session
 
 
 def declare(p: Profile) -> dict[str, list[RunConfig]]:

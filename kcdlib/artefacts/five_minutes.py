@@ -24,7 +24,9 @@ from .. import condense
 from .. import data as datasets
 from ..profiles import Profile, get_profile
 from ..runs import RunConfig, RunStore, atomic_write
-from .common import Artefact, Table, distill, fmt, mean_sd, percent, resolution, seeds
+from .captions import resolution
+from .declare import Artefact, distill, seeds
+from .format import Table, fmt, mean_sd, percent
 
 
 def notebook_seeds(profile: str | Profile, given: Sequence[int] | None) -> Sequence[int] | None:

@@ -11,31 +11,18 @@ import math
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from .. import reference
 from ..profiles import Profile
-from .common import (
-    NOT_RUN,
-    Artefact,
-    Table,
-    caption,
-    cell,
-    distill,
-    frame_of,
-    kcd_rho,
-    paper,
-    paper_column,
-    percent,
-    ran,
-    run_hashes,
-    seeds,
-    teachers,
-    values,
-)  # fmt: skip
-from .session import Session
+from .captions import caption, teachers
+from .declare import Artefact, distill, kcd_rho, seeds
+from .format import NOT_RUN, Table, cell, frame_of, paper, paper_column, percent, ran, run_hashes, values
+
+if TYPE_CHECKING:
+    from .session import Session  # the notebook's, for build(); a declaration needs no session
 
 # Table 7's row names in the supplement for our augment option values.
 AUGMENT_LABELS = {"none": "K1 w/o Aug.", "random": "Aug. K1 in random (eps=eps_m)", "K1H": "Aug. K1H",

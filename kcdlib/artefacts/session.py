@@ -17,7 +17,8 @@ from ..errors import BadOption
 from ..fastpath import COMPILE_MODES
 from ..profiles import Profile, get_profile, published_teachers
 from ..runs import MAX_SEED, RunConfig, RunStore
-from .common import non_default_options, unique
+from .captions import non_default_options
+from .declare import unique
 
 # The course's knobs: notebook parameter -> the distiller option it sets (every distiller that has it; UNIX's own
 # loss is UNIX's protocol and keeps its values).

@@ -7,33 +7,20 @@ table, ours beside it where the profile ran the cell, is one click away (``Table
 from __future__ import annotations
 
 import statistics
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from .. import reference
 from ..distillers import DISTILLERS
 from ..profiles import Profile
-from .common import (
-    NOT_RUN,
-    Artefact,
-    Table,
-    caption,
-    cell,
-    distill,
-    frame_of,
-    mean_sd,
-    paper,
-    paper_column,
-    percent,
-    ran,
-    run_hashes,
-    student_run,
-    teacher_run,
-    teachers,
-    values,
-)  # fmt: skip
+from .captions import caption, teachers
+from .declare import Artefact, distill, student_run, teacher_run
+from .format import NOT_RUN, Table, cell, frame_of, mean_sd, paper, paper_column, percent, ran, run_hashes, values
 from .noise import METHOD, counts, difference
-from .session import Session
+
+if TYPE_CHECKING:
+    from .session import Session  # the notebook's, for build(); a declaration needs no session
 
 # The distillers of the paper's Table 1: their glued gains exist (NaN) even where a profile does not run them.
 PAPER_DISTILLERS = ("kd", "pkt", "crd")

@@ -6,30 +6,18 @@ Rows: for each pair UNIX published (and the profile's pair), the four methods; o
 from __future__ import annotations
 
 import statistics
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from .. import cost, reference
 from ..profiles import Profile, split_pair
-from .common import (
-    NOT_RUN,
-    Artefact,
-    Table,
-    caption,
-    cell,
-    distill,
-    fs_over_ft,
-    kcd_computation,
-    paper,
-    paper_column,
-    percent,
-    run_hashes,
-    seeds,
-    teachers,
-    unix_k,
-    values,
-)  # fmt: skip
-from .session import Session
+from .captions import caption, teachers
+from .declare import Artefact, distill, fs_over_ft, kcd_computation, seeds, unix_k
+from .format import NOT_RUN, Table, cell, paper, paper_column, percent, run_hashes, values
+
+if TYPE_CHECKING:
+    from .session import Session  # the notebook's, for build(); a declaration needs no session
 
 KD, UNIX_PUBLISHED, UNIX_RERUN, KCKD = "KD", "UNIX (published, k=48)", "UNIX (re-run at KCD's C)", "KC-KD"
 

@@ -5,13 +5,18 @@ Rows: KD and KC-KD of the profile's Table-3 pair, on its Table-3 dataset and sch
 from __future__ import annotations
 
 import statistics
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from ..profiles import Profile
-from .common import Artefact, Table, caption, cell, distill_pair, paper_column, percent, run_hashes, teachers, values
+from .captions import caption, teachers
+from .declare import Artefact, distill_pair
+from .format import Table, cell, paper_column, percent, run_hashes, values
 from .noise import METHOD, difference
-from .session import Session
+
+if TYPE_CHECKING:
+    from .session import Session  # the notebook's, for build(); a declaration needs no session
 
 # Table 3's absolute computation as the paper quotes it (ImageNet: 1.26M points x 90 epochs for KD).
 PAPER_IMAGENET_CA = {"KD": 114e6, "KC-KD": 81e6}

@@ -5,29 +5,21 @@ Rows: :data:`ROWS`, each a label, a method and its options, all on the profile's
 from __future__ import annotations
 
 import statistics
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from .. import condense, reference
 from ..profiles import Profile
 from ..released import released_code_schedule
-from .common import (
-    KCD_RHO,
-    Artefact,
-    Table,
-    caption,
-    cell,
-    distill,
-    paper,
-    paper_column,
-    percent,
-    run_hashes,
-    seeds,
-    teachers,
-)
-from .common import values as read
+from .captions import caption, teachers
+from .declare import KCD_RHO, Artefact, distill, seeds
+from .format import Table, cell, paper, paper_column, percent, run_hashes
+from .format import values as read
 from .noise import METHOD, difference
-from .session import Session
+
+if TYPE_CHECKING:
+    from .session import Session  # the notebook's, for build(); a declaration needs no session
 
 # Label, method, options: each row adds one component of KCD to the one above (our reconstruction).
 ROWS = (

@@ -13,7 +13,7 @@ import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -22,8 +22,11 @@ from ..profiles import Profile
 from ..runpages import href
 from ..runs import RunConfig
 from . import table1, table2, table3, table4, table5, table6, table7
-from .common import KCD_RHO, Artefact, Table, mean_sd, percent, run_hashes, values
-from .session import Session
+from .declare import KCD_RHO, Artefact
+from .format import Table, mean_sd, percent, run_hashes, values
+
+if TYPE_CHECKING:
+    from .session import Session  # the notebook's, for build(); a declaration needs no session
 
 
 @dataclass
