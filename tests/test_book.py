@@ -18,7 +18,7 @@ import torch
 from conftest import TEACHER_EPOCHS
 
 from kcdlib import artefacts, book, cli, cost, models, profiles, reference
-from kcdlib.artefacts import declare, tradeoff
+from kcdlib.artefacts import declare, table1, tradeoff
 from kcdlib.artefacts.format import NOT_RUN
 from kcdlib.errors import UnknownName
 from kcdlib.profiles import get_profile
@@ -159,10 +159,10 @@ def test_profiles_and_reference_data():
         profiles.get_profile("nope")
     for p in profiles.PROFILES.values():
         assert p.epochs % p.stage_epochs == 0
-        for pair in p.table1_pairs:
+        for pair in table1.TABLE1_PAIRS.of(p):
             assert all(a in models.ARCHS for a in p.run_pair(pair))
     assert profiles.get_profile("smoke").stages == 6
-    assert len(profiles.get_profile("paper").table1_pairs) == 11
+    assert len(table1.TABLE1_PAIRS.of(profiles.get_profile("paper"))) == 11
     assert reference.paper_table1().loc["KC-KD", "wrn_40_2/wrn_16_2"] == pytest.approx(75.70)
     assert len(reference.unix_published()) == 12
 

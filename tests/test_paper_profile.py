@@ -61,11 +61,11 @@ def test_a_published_teacher_replaces_the_profiles_own(tmp_path, store, digits_t
         teachers, digits_teacher.arch, models.load_checkpoint("resnet20", store.model_path(digits_teacher), 10)
     )
     p = artefacts.setup("tiny", str(tmp_path / "runs"), teachers_dir=str(teachers)).profile
-    cfg = declare.distill(p, p.table2_pair)
+    cfg = declare.distill(p, five_minutes.pair(p))
     assert cfg.teacher is None and cfg.teacher_checkpoint == str(path) and cfg.teacher_arch == "resnet20"
     # A teacher with no published file is still trained here.
     p_none = artefacts.setup("tiny", str(tmp_path / "runs"), teachers_dir=str(tmp_path)).profile
-    assert declare.distill(p_none, p_none.table2_pair).teacher is not None
+    assert declare.distill(p_none, five_minutes.pair(p_none)).teacher is not None
 
 
 def test_kcd_distill_uses_a_published_teacher_and_records_its_accuracy(tmp_path, capsys, store, digits_teacher):

@@ -5,16 +5,23 @@ each row (or cell) to the runs behind it. Its runs are derived from that declara
 so is its table: ``build(session)`` walks the same declaration and reads the records (how a table looks:
 :mod:`.format`; what its caption says: :mod:`.captions`). The run builders here (:func:`teacher_run`,
 :func:`distill` ...) make every run of the book, so a profile's knobs reach every run the same way.
+
+An artefact's own settings (Table 1's pairs, Table 5's α values ...) are its :class:`Field` s, declared in its
+module with the paper's value and each profile's beside it; a notebook sets one by its name
+(:func:`apply_parameters`), and what needs every artefact's fields asks the registry (:func:`teacher_archs`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import condense, cost, distillers, models
 from .. import data as datasets
+from ..errors import BadOption
 from ..methods import METHODS
 from ..profiles import Profile, get_profile
 from ..runs import RunConfig, distill_config, teacher_config
@@ -31,13 +38,40 @@ Declaration = Mapping[Any, Sequence[RunConfig]]
 
 
 @dataclass(frozen=True)
+class Field:
+    """One of an artefact's own settings, and the notebook parameter of the same name (``table1_pairs``): the
+    paper's value, and the value of each profile that runs another (profile name -> value). ``teachers(p, value)``
+    names the teacher architectures the value runs (for the published teachers to look for). ``follows`` names a
+    field of the profile's schedule whose value a rehearsal (a notebook's ``epochs``) gives this field too, where
+    the profile sets this one (Table 3's own ImageNet schedule)."""
+
+    name: str
+    paper: Any
+    profiles: Mapping[str, Any] = field(default_factory=dict)
+    teachers: Callable[[Profile, Any], Iterable[str]] | None = None
+    follows: str | None = None
+
+    def of(self, p: Profile) -> Any:
+        """Its value on ``p``: a notebook's (``p.artefact_fields``), else the profile's, else the paper's."""
+        if self.name in p.artefact_fields:
+            return p.artefact_fields[self.name]
+        return self.profiles.get(p.name, self.paper)
+
+
+def pair_teachers(p: Profile, pairs: str | Iterable[str]) -> list[str]:
+    """The teachers run in place of a paper pair's, or of each of a list of pairs (a :attr:`Field.teachers`)."""
+    return [p.run_pair(pair)[0] for pair in ([pairs] if isinstance(pairs, str) else pairs)]
+
+
+@dataclass(frozen=True)
 class Artefact:
     """One table or figure of the book, and its notebook ``notebooks/<name>.md`` (its page in the book).
 
     ``declare(profile)`` lists the artefact's rows once: each row (or cell) key -> the runs behind it (one per
     seed). ``build(session)`` makes the table or figure from the records of those same runs. ``part`` is the
     book part the page belongs to and ``order`` its place in the reading order. ``default_seeds``: profile name ->
-    the seeds the notebook runs when its ``seeds`` parameter is None (else the profile's)."""
+    the seeds the notebook runs when its ``seeds`` parameter is None (else the profile's). ``fields``: the
+    artefact's own settings (:class:`Field`)."""
 
     name: str
     title: str
@@ -46,6 +80,7 @@ class Artefact:
     declare: Callable[[Profile], Declaration]
     build: Callable[[Session], Any] | None = None
     default_seeds: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    fields: tuple[Field, ...] = ()
 
     def runs(self, profile: Profile | str) -> list[RunConfig]:
         """Every run the artefact needs, each once, in the order of its declaration."""
@@ -149,3 +184,79 @@ def unix_k(profile: Profile, paper_pair: str) -> int:
     teacher, student = profile.run_pair(paper_pair)
     ratio = fs_over_ft(teacher, student, profile.dataset)
     return round(cost.unix_k_for(kcd_computation(profile), batch=64, fs_over_ft=ratio))
+
+
+# -- every artefact's fields, and a notebook's parameters ----------------------------------------------------------
+def artefact_fields() -> dict[str, Field]:
+    """Every registered artefact's own fields by name (a field two artefacts share, the grids' pairs, once)."""
+    from . import ARTEFACTS  # the registry: the package, complete once imported (it imports this module first)
+
+    out: dict[str, Field] = {}
+    for artefact in ARTEFACTS.values():
+        for f in artefact.fields:
+            if out.setdefault(f.name, f) is not f:
+                raise ValueError(f"two artefacts declare a field called '{f.name}'")
+    return out
+
+
+def teacher_archs(p: Profile) -> set[str]:
+    """Every teacher architecture the profile's artefacts distil from: of its stand-in pairs and of the pairs and
+    teachers the artefacts' fields name."""
+    archs = {p.run_pair(pair)[0] for pair in p.pairs}
+    for f in artefact_fields().values():
+        if f.teachers is not None:
+            archs.update(f.teachers(p, f.of(p)))
+    return archs
+
+
+def apply_parameters(p: Profile, **given: Any) -> Profile:
+    """``p`` with a notebook's parameters set (``None`` keeps a value): the profile's own fields (``epochs``,
+    ``stage_epochs``, ``teacher_epochs`` ...) and the artefacts' (``table2_pair``, ``grid_pairs``, ``alphas`` ...),
+    each like its value on ``p`` (a list for a tuple; a number of epochs at least 1). A rehearsal's ``epochs`` also
+    reschedules the fields that follow the schedule, where the profile sets them (Table 3's ImageNet schedule)."""
+    own = {f.name for f in dataclasses.fields(Profile)} - {"artefact_fields"}
+    theirs = artefact_fields()
+    changes, fields_given = {}, {}
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name in own:
+            current = getattr(p, name)
+        elif name in theirs:
+            current = theirs[name].of(p)
+        else:
+            raise BadOption(f"unknown parameter {name}")
+        if isinstance(current, tuple):
+            value = tuple(list_of(name, value, lambda v, c=current: like(v, c[0]) if c else True,
+                                  f"values like {current[:2]}"))  # fmt: skip
+        elif not like(value, current):
+            raise BadOption(f"parameter {name} must be like {current!r}, got {value!r}")
+        elif isinstance(value, int) and value < 1:
+            raise BadOption(f"parameter {name} must be at least 1, got {value}")
+        (changes if name in own else fields_given)[name] = value
+    if "epochs" in changes:
+        for f in theirs.values():
+            if f.follows in changes and f.of(p) is not None:
+                fields_given[f.name] = changes[f.follows]
+    return p.with_options(**changes, artefact_fields={**p.artefact_fields, **fields_given})
+
+
+def like(value: Any, example: Any) -> bool:
+    """``value`` has the type of ``example`` (an int stands for a float; a bool is no number)."""
+    if isinstance(value, bool) or isinstance(example, bool):
+        return isinstance(value, bool) and isinstance(example, bool)
+    if isinstance(example, float):
+        return isinstance(value, int | float) and math.isfinite(value)
+    return isinstance(value, type(example))
+
+
+def list_of(name: str, value: Any, ok: Callable[[Any], bool], what: str) -> list | None:
+    """A notebook parameter that must be a list (``-y 'seeds: [0, 1]'``), each element checked."""
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple):
+        raise BadOption(f"parameter {name} must be a list of {what} (papermill: -y '{name}: [...]'), got {value!r}")
+    bad = [v for v in value if not ok(v)]
+    if bad or not value:
+        raise BadOption(f"parameter {name} must be a non-empty list of {what}, got {list(value)!r}")
+    return list(value)

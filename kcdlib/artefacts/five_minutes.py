@@ -24,6 +24,7 @@ from .. import condense
 from .. import data as datasets
 from ..profiles import Profile, get_profile
 from ..runs import RunConfig, RunStore, atomic_write
+from . import table2
 from .captions import resolution
 from .declare import Artefact, distill, seeds
 from .format import Table, fmt, mean_sd, percent
@@ -38,10 +39,14 @@ def notebook_seeds(profile: str | Profile, given: Sequence[int] | None) -> Seque
     return list(ARTEFACT.default_seeds[name]) if name in ARTEFACT.default_seeds else None
 
 
+def pair(p: Profile) -> str:
+    """The paper pair the notebook runs: Table 2's (its runs are Table 2's KD and KC-KD)."""
+    return table2.TABLE2_PAIR.of(p)
+
+
 def declare(p: Profile) -> dict[str, list[RunConfig]]:
     """Row -> its runs, one per seed of the profile (the notebook's ``seeds``)."""
-    pair = p.table2_pair
-    return {"KD": seeds(p, distill, pair), "KCD": seeds(p, distill, pair, method="kcd")}
+    return {"KD": seeds(p, distill, pair(p)), "KCD": seeds(p, distill, pair(p), method="kcd")}
 
 
 def five_minutes_runs(profile: Profile | str) -> list[RunConfig]:

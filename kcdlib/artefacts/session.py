@@ -3,7 +3,6 @@ are trained. Every parameter is checked here, with the command line's rules, bef
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -18,7 +17,7 @@ from ..fastpath import COMPILE_MODES
 from ..profiles import Profile, get_profile, published_teachers
 from ..runs import MAX_SEED, RunConfig, RunStore
 from .captions import non_default_options
-from .declare import unique
+from .declare import apply_parameters, like, list_of, teacher_archs, unique
 
 # The course's knobs: notebook parameter -> the distiller option it sets (every distiller that has it; UNIX's own
 # loss is UNIX's protocol and keeps its values).
@@ -154,45 +153,29 @@ def setup(
     for name, value in (("runs_dir", runs_dir), ("data_root", data_root)):
         if not isinstance(value, str | Path):
             raise BadOption(f"parameter {name} must be a folder path, got {value!r}")
-    seeds = _list_of("seeds", seeds, lambda s: isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED,
-                     f"whole numbers in [0, {MAX_SEED}]")  # fmt: skip
-    devices = _list_of("devices", devices, lambda d: isinstance(d, str), "device names")
+    seeds = list_of("seeds", seeds, lambda s: isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED,
+                    f"whole numbers in [0, {MAX_SEED}]")  # fmt: skip
+    devices = list_of("devices", devices, lambda d: isinstance(d, str), "device names")
     devices = [options.device(d) for d in devices] if devices else None
     if isinstance(jobs_per_device, bool) or not isinstance(jobs_per_device, int) or jobs_per_device < 1:
         raise BadOption(f"parameter jobs_per_device must be a whole number >= 1, got {jobs_per_device!r}")
     if compile not in COMPILE_MODES:
         raise BadOption(f"parameter compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
-    changes = {}
-    for name, value in knobs.items():
-        if value is None:
-            continue
-        if not hasattr(p, name):
-            raise BadOption(f"unknown parameter {name}")
-        current = getattr(p, name)
-        if isinstance(current, tuple):
-            value = tuple(_list_of(name, value, lambda v, c=current: _like(v, c[0]) if c else True,
-                                   f"values like {current[:2]}"))  # fmt: skip
-        elif not _like(value, current):
-            raise BadOption(f"parameter {name} must be like {current!r}, got {value!r}")
-        elif isinstance(value, int) and value < 1:
-            raise BadOption(f"parameter {name} must be at least 1, got {value}")
-        changes[name] = value
-    if "epochs" in changes and p.table3_epochs:
-        changes.update(table3_epochs=changes["epochs"], table3_stage_epochs=changes.get("stage_epochs"))
+    p = apply_parameters(p, **knobs)
     given = {"temperature": temperature, "gamma": gamma, "kd_alpha": kd_alpha, "beta": beta, "rho": rho,
              "alpha": alpha}  # fmt: skip
     for name, value in given.items():
-        if value is not None and not _like(value, 1.0):
+        if value is not None and not like(value, 1.0):
             raise BadOption(f"parameter {name} must be a number, got {value!r}")
     loss = {option: given[knob] for knob, option in LOSS_KNOBS.items() if given[knob] is not None}
     kcd = {option: given[knob] for knob, option in KCD_KNOBS.items() if given[knob] is not None}
-    p = p.with_options(seeds=tuple(seeds) if seeds else None, **changes, loss_options={**p.loss_options, **loss},
+    p = p.with_options(seeds=tuple(seeds) if seeds else None, loss_options={**p.loss_options, **loss},
                        kcd_options={**p.kcd_options, **kcd})  # fmt: skip
     if p.epochs % p.stage_epochs or p.epochs < 2 * p.stage_epochs:
         raise BadOption(f"parameter epochs ({p.epochs}) must be a multiple of stage_epochs ({p.stage_epochs}), with "
                         "at least two stages: the book shows KCD condensing")  # fmt: skip
     _check_knobs(p)
-    published = published_teachers(teachers_dir, p.teacher_archs())
+    published = published_teachers(teachers_dir, teacher_archs(p))
     if published:
         p = p.with_options(teacher_checkpoints={**p.teacher_checkpoints, **published})
     # kcd book --from-records: the data fingerprints and the code come from the store's records (the data is not
@@ -215,24 +198,3 @@ def _check_knobs(p: Profile) -> None:
             distillers.canonical_options(name, given)
     if p.kcd_options:
         methods.canonical_options("kcd", {**p.kcd_options, "stage_epochs": p.stage_epochs}, p.epochs, 64)
-
-
-def _like(value: Any, example: Any) -> bool:
-    """``value`` has the type of ``example`` (an int stands for a float; a bool is no number)."""
-    if isinstance(value, bool) or isinstance(example, bool):
-        return isinstance(value, bool) and isinstance(example, bool)
-    if isinstance(example, float):
-        return isinstance(value, int | float) and math.isfinite(value)
-    return isinstance(value, type(example))
-
-
-def _list_of(name: str, value: Any, ok, what: str) -> list | None:
-    """A notebook parameter that must be a list (``-y 'seeds: [0, 1]'``), each element checked."""
-    if value is None:
-        return None
-    if not isinstance(value, list | tuple):
-        raise BadOption(f"parameter {name} must be a list of {what} (papermill: -y '{name}: [...]'), got {value!r}")
-    bad = [v for v in value if not ok(v)]
-    if bad or not value:
-        raise BadOption(f"parameter {name} must be a non-empty list of {what}, got {list(value)!r}")
-    return list(value)
