@@ -23,7 +23,7 @@ from .errors import BadOption
 from .fastpath import COMPILE_MODES
 from .identity import MAX_SEED
 from .options import device as resolve_device
-from .profiles import Profile, get_profile, published_teachers
+from .profiles import Profile, get_profile
 from .runs import STALE_POLICIES
 
 # The course's knobs: a build option -> (whose option it is, the option). A loss knob sets that option of every
@@ -151,13 +151,15 @@ class BuildOptions:
         """A copy with some fields changed (checked again)."""
         return replace(self, **changes)
 
+    def schedule(self) -> dict[str, int]:
+        """The schedule this build sets (a rehearsal of a long profile): ``epochs``, ``stage_epochs``,
+        ``teacher_epochs``, those given."""
+        return {k: getattr(self, k) for k in ("epochs", "stage_epochs", "teacher_epochs") if getattr(self, k)}
+
     def applied(self, profile: Profile | str | None = None) -> Profile:
-        """The profile with these options: seeds, the schedule (Table 3's too), the knobs as run options, and the
-        published teachers found in ``teachers_dir``."""
+        """The profile with these options: seeds, the schedule (Table 3's follows it), the knobs as run options."""
         p = get_profile(profile or self.profile)
-        schedule = {k: getattr(self, k) for k in ("epochs", "stage_epochs", "teacher_epochs") if getattr(self, k)}
-        if "epochs" in schedule and p.table3_epochs:
-            schedule.update(table3_epochs=schedule["epochs"], table3_stage_epochs=schedule.get("stage_epochs"))
+        schedule = self.schedule()
         knobs = {"loss": {}, "kcd": {}}
         for name, (owner, option) in KNOBS.items():
             if getattr(self, name) is not None:
@@ -174,9 +176,6 @@ class BuildOptions:
             given = {k: v for k, v in p.loss_options.items() if k in cls.option_specs}
             if given:
                 distillers.canonical_options(name, given)
-        published = published_teachers(self.teachers_dir, p.teacher_archs())
-        if published:
-            p = p.with_options(teacher_checkpoints={**p.teacher_checkpoints, **published})
         return p
 
 

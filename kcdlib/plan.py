@@ -22,7 +22,8 @@ import pandas as pd
 import torch
 
 from . import archive, artefacts
-from .artefacts.common import non_default_options
+from .artefacts.captions import non_default_options
+from .artefacts.declare import apply_parameters
 from .buildoptions import BuildOptions
 from .errors import DatasetInvalid, DatasetMissing
 from .estimate import (
@@ -110,8 +111,7 @@ def plan(
 def _plan(p, store, devices, jobs_per_device, epochs, stage_epochs, teacher_epochs, timer, echo) -> pd.DataFrame:
     timer = timer or time_steps
     if any(v is not None for v in (epochs, stage_epochs, teacher_epochs)):
-        schedule = BuildOptions(profile=p.name, epochs=epochs, stage_epochs=stage_epochs, teacher_epochs=teacher_epochs)
-        p = schedule.applied(p)
+        p = apply_parameters(p, epochs=epochs, stage_epochs=stage_epochs, teacher_epochs=teacher_epochs)
     devices = list(devices or [str(store.device)])
     jobs = jobs_per_device or 1
     echo = echo or (lambda line: None)

@@ -2,7 +2,9 @@
 
 A profile names the dataset, the schedule (``epochs`` of ``stage_epochs`` each, six stages like the paper's 240/40)
 and, for every paper pair ``teacher/student`` the book shows, the pair it actually runs. The paper profile runs
-the paper's pairs; the short ones run stand-ins small enough for their machine, and every table says so.
+the paper's pairs; the short ones run stand-ins small enough for their machine, and every table says so. What a
+table runs of its own on each profile (Table 1's pairs and distillers, Table 5's α values ...) is declared in the
+table's module (:class:`kcdlib.artefacts.declare.Field`), so that adding a table touches one place.
 
 - ``smoke`` (default): digits on the CPU, stand-in pairs, 12 epochs of 2 (six stages); the whole book in minutes.
 - ``course``: CIFAR-100 on one GPU in about an hour, two pairs (KD and CRD in Table 1), 30 epochs of 5.
@@ -15,22 +17,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import DatasetMissing
 from .registry import Registry
-
-# The paper's Table-1 pairs (teacher/student, the RepDistiller model names).
-PAPER_TABLE1_PAIRS = (
-    "wrn_40_2/wrn_16_2", "wrn_40_2/wrn_40_1", "resnet56/resnet20", "resnet32x4/resnet8x4", "vgg13/vgg8",
-    "vgg13/MobileNetV2", "ResNet50/MobileNetV2", "ResNet50/vgg8", "resnet32x4/ShuffleV1", "resnet32x4/ShuffleV2",
-    "wrn_40_2/ShuffleV1",
-)  # fmt: skip
-# The supplement's Tables 5-7 pairs.
-PAPER_GRID_PAIRS = ("wrn_40_2/wrn_16_2", "vgg13/MobileNetV2", "resnet32x4/ShuffleV2")
-# Table 3 (ImageNet).
-PAPER_IMAGENET_PAIR = "ResNet34/ResNet18"
-# Figure 5(b)'s four teachers are not named in the supplement; these are four of Table 1's.
-PAPER_FIGURE5_TEACHERS = ("resnet56", "wrn_40_2", "resnet32x4", "vgg13")
 
 
 def split_pair(pair: str) -> tuple[str, str]:
@@ -41,9 +31,10 @@ def split_pair(pair: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Profile:
-    """What one build of the book runs. ``pairs`` maps each paper pair to the pair run in its place;
-    ``teachers`` maps a paper teacher used alone (Figure 5) to its stand-in. ``teacher_checkpoints`` maps an
-    architecture to a RepDistiller checkpoint file used instead of training that teacher."""
+    """What one build of the book runs, the part every artefact shares. ``pairs`` maps each paper pair to the pair
+    run in its place; ``teacher_checkpoints`` maps an architecture to a RepDistiller checkpoint file used instead of
+    training that teacher. What a table runs of its own (Table 1's pairs and distillers, Table 5's α ...) is that
+    artefact's, in its module (``kcdlib/artefacts/``)."""
 
     name: str
     description: str
@@ -54,20 +45,6 @@ class Profile:
     teacher_epochs: int
     seeds: tuple[int, ...]
     pairs: dict[str, str]
-    table1_pairs: tuple[str, ...]
-    table1_distillers: tuple[str, ...] = ("kd", "pkt", "crd")
-    table2_pair: str = "wrn_40_2/wrn_16_2"
-    table3_dataset: str = "imagenet"
-    table3_pair: str = PAPER_IMAGENET_PAIR
-    table3_epochs: int | None = None
-    table3_stage_epochs: int | None = None
-    table4_pair: str = "wrn_40_2/wrn_16_2"
-    grid_pairs: tuple[str, ...] = PAPER_GRID_PAIRS
-    alphas: tuple[float, ...] = (0.01, 0.03, 0.05, 0.1)
-    rhos: tuple[float, ...] = (0.9, 0.7, 0.5, 0.3)
-    augments: tuple[str, ...] = ("none", "random", "K1H", "K1L")
-    figure5_teachers: dict[str, str] = field(default_factory=dict)
-    figure5_student: str = "resnet8"
     teacher_checkpoints: dict[str, str] = field(default_factory=dict)
     # The course's knobs (a notebook's parameters), empty = the paper's defaults: options of every distiller that
     # has them (temperature, gamma, alpha, beta) and of every KCD run (rho, alpha of the value score).
@@ -76,20 +53,9 @@ class Profile:
     # Seeds of the runs the findings page weighs against seed noise (Table 1's KD and KC-KD rows), when more than
     # ``seeds``: a difference needs two or more a side for an interval (kcdlib.artefacts.noise).
     noise_seeds: tuple[int, ...] = ()
-
-    def teacher_archs(self) -> set[str]:
-        """Every teacher architecture the profile's artefacts distil from."""
-        return {
-            self.run_pair(p)[0]
-            for p in (
-                *self.pairs,
-                *self.table1_pairs,
-                self.table2_pair,
-                self.table3_pair,
-                self.table4_pair,
-                *self.grid_pairs,
-            )
-        } | set(self.figure5_teachers.values())
+    # The artefacts' own fields a notebook's parameters set (name -> value; kcdlib.artefacts.declare.Field): each
+    # artefact declares its fields, with the paper's and every profile's values, in its own module.
+    artefact_fields: dict[str, Any] = field(default_factory=dict)
 
     @property
     def stages(self) -> int:
@@ -130,15 +96,6 @@ PROFILES: Registry[Profile] = Registry("profile", {
         # one pair), for the findings page's verdicts against seed noise.
         noise_seeds=(0, 1, 2),
         pairs=_SMOKE_PAIRS,
-        table1_pairs=("wrn_40_2/wrn_16_2", "resnet56/resnet20"),
-        table3_dataset="digits",
-        grid_pairs=("wrn_40_2/wrn_16_2",),
-        figure5_teachers={
-            "resnet56": "resnet20",
-            "wrn_40_2": "wrn_16_2",
-            "resnet32x4": "resnet14",
-            "vgg13": "wrn_16_1",
-        },  # fmt: skip
     ),
     "tiny": Profile(
         name="tiny",
@@ -151,14 +108,6 @@ PROFILES: Registry[Profile] = Registry("profile", {
         teacher_epochs=10,
         seeds=(0,),
         pairs=_SMOKE_PAIRS,
-        table1_pairs=("wrn_40_2/wrn_16_2",),
-        table1_distillers=("kd",),
-        table3_dataset="digits",
-        grid_pairs=("wrn_40_2/wrn_16_2",),
-        alphas=(0.03,),
-        rhos=(0.7,),
-        augments=("K1L",),
-        figure5_teachers={"resnet56": "resnet20"},
     ),
     "course": Profile(
         # Sized to fit a class: at most an hour on one H200 with 4 runs at a time (kcd book --jobs-per-device 4),
@@ -182,13 +131,6 @@ PROFILES: Registry[Profile] = Registry("profile", {
         seeds=(0,),
         # Table 3's ImageNet pair stands in as Table 1's resnet32x4/resnet8x4: its runs are Table 1's.
         pairs={"ResNet34/ResNet18": "resnet32x4/resnet8x4"},
-        table1_pairs=("wrn_40_2/wrn_16_2", "resnet32x4/resnet8x4"),
-        table1_distillers=("kd", "crd"),
-        table3_dataset="cifar100",
-        grid_pairs=("wrn_40_2/wrn_16_2",),
-        # Two of Figure 5's four teachers, both already trained for Table 1.
-        figure5_teachers={"wrn_40_2": "wrn_40_2", "resnet32x4": "resnet32x4"},
-        figure5_student="resnet8x4",
     ),
     "paper": Profile(
         name="paper",
@@ -200,11 +142,6 @@ PROFILES: Registry[Profile] = Registry("profile", {
         teacher_epochs=240,
         seeds=(0,),
         pairs={},
-        table1_pairs=PAPER_TABLE1_PAIRS,
-        table3_epochs=90,
-        table3_stage_epochs=15,
-        figure5_teachers={t: t for t in PAPER_FIGURE5_TEACHERS},
-        figure5_student="resnet8x4",
     ),
 })  # fmt: skip
 

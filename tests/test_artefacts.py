@@ -7,9 +7,10 @@ import dataclasses
 import jupytext
 import pytest
 
-from kcdlib import artefacts, book, distillers, plan
-from kcdlib.artefacts import common, session, table1, table4, table5
+from kcdlib import artefacts, book, distillers, plan, profiles
+from kcdlib.artefacts import captions, declare, grid, session, table1, table2, table3, table4, table5, table6
 from kcdlib.buildoptions import BuildOptions
+from kcdlib.errors import BadOption
 from kcdlib.profiles import get_profile
 from kcdlib.runs import RunStore
 
@@ -33,9 +34,9 @@ def test_registry_runner_plan_and_notebook_files_agree():
 
 def test_a_registered_artefact_appears_in_the_runs_the_plan_and_the_toc():
     p = get_profile("tiny")
-    extra = common.student_run(p, "resnet14")
+    extra = declare.student_run(p, "resnet14")
     assert extra.options_hash not in {c.options_hash for c in artefacts.all_runs(p)}
-    scratch = common.Artefact("scratch_table", "A scratch table", "paper", 75, lambda p: {"row": [extra]})
+    scratch = declare.Artefact("scratch_table", "A scratch table", "paper", 75, lambda p: {"row": [extra]})
     with artefacts.ARTEFACTS.override("scratch_table", scratch):
         names = artefacts.names()
         assert names.index("table7") < names.index("scratch_table") < names.index("figure5")  # order 75
@@ -90,9 +91,9 @@ def test_a_knob_changes_the_runs_it_names_and_no_other(tmp_path):
         else:  # the teachers and the students trained alone; UNIX keeps its own loss
             assert new.options_hash == old.options_hash
     store = RunStore(tmp_path)
-    kd = common.distill(hot, hot.table2_pair)
+    kd = declare.distill(hot, table2.TABLE2_PAIR.of(hot))
     assert store.identity(kd)["run"]["distiller_options"]["temperature"] == 2.0
-    assert store.run_hash(kd) != store.run_hash(common.distill(default, default.table2_pair))
+    assert store.run_hash(kd) != store.run_hash(declare.distill(default, table2.TABLE2_PAIR.of(default)))
 
 
 def test_kcd_knobs_reach_every_kcd_run_but_a_table_keeps_its_own_setting(tmp_path):
@@ -102,12 +103,13 @@ def test_kcd_knobs_reach_every_kcd_run_but_a_table_keeps_its_own_setting(tmp_pat
     own_rho = {c.options_hash for c in artefacts.get("table6").runs(p)}
     kcd = [c for c in artefacts.all_runs(p) if c.method == "kcd"]
     assert len(kcd) > len(own_alpha | own_rho)
+    rho, alpha = table6.RHOS.of(p)[0], table5.ALPHAS.of(p)[0]
     for cfg in kcd:
         o = dict(cfg.method_options)
-        assert o["rho"] == (p.rhos[0] if cfg.options_hash in own_rho else 0.5)
-        assert o["alpha"] == (0.0 if cfg in alpha0 else p.alphas[0] if cfg.options_hash in own_alpha else 0.1)
+        assert o["rho"] == (rho if cfg.options_hash in own_rho else 0.5)
+        assert o["alpha"] == (0.0 if cfg in alpha0 else alpha if cfg.options_hash in own_alpha else 0.1)
     # UNIX's k is matched to KCD's C, which follows ρ.
-    assert common.kcd_computation(p) < common.kcd_computation(get_profile("tiny"))
+    assert declare.kcd_computation(p) < declare.kcd_computation(get_profile("tiny"))
 
 
 def test_a_new_distiller_gets_its_table1_rows_from_the_registry():
@@ -116,12 +118,12 @@ def test_a_new_distiller_gets_its_table1_rows_from_the_registry():
     class Scaled(distillers.KD):
         name, label = "scaled_kd", "SKD"
 
-    p = dataclasses.replace(get_profile("tiny"), table1_distillers=("kd", "scaled_kd"))
     with distillers.DISTILLERS.override("scaled_kd", Scaled):
+        p = declare.apply_parameters(get_profile("tiny"), table1_distillers=["kd", "scaled_kd"])
         rows = table1.declare(p)
     labels = {label for _, label in rows}
     assert {"KD", "KC-KD", "SKD", "KC-SKD"} <= labels
-    assert {c.distiller for c in rows[(p.table1_pairs[0], "KC-SKD")]} == {"scaled_kd"}
+    assert {c.distiller for c in rows[(table1.TABLE1_PAIRS.of(p)[0], "KC-SKD")]} == {"scaled_kd"}
 
 
 def test_the_session_reports_the_run_and_epoch_in_progress(tmp_path):
@@ -143,7 +145,7 @@ def test_the_session_reports_the_run_and_epoch_in_progress(tmp_path):
 
     progress_file = tmp_path / "progress.txt"
     p = get_profile("tiny")
-    cfg = common.distill(p, p.table2_pair)
+    cfg = declare.distill(p, table2.TABLE2_PAIR.of(p))
     s = session.Session(p, Store(), ["cpu"], progress_file=progress_file)
     assert s.ensure([cfg], progress=False) == [{"arch": "resnet8"}]  # the records of the runs asked for only
     teacher = f"run 1/2: resnet20 trained alone ({p.teacher_epochs} epochs), seed 0"
@@ -177,11 +179,34 @@ def test_captions_name_the_settings_the_runs_used(tmp_path):
     s = session.setup(BuildOptions(profile="smoke", runs_dir=str(tmp_path), temperature=2, epochs=4))
     runs = table5.ARTEFACT.runs(s.profile)
     assert {dict(c.distiller_options)["temperature"] for c in runs} == {2}
-    text = common.caption("Table 5", s.profile, s.profile.grid_pairs, runs=runs, varied=("alpha",))
+    text = captions.caption("Table 5", s.profile, grid.GRID_PAIRS.of(s.profile), runs=runs, varied=("alpha",))
     assert text.startswith("Table 5. This build: 4 epochs, KCD stages of 2; not the paper's settings: T=2. ")
     assert "as in the paper" not in text and "with its schedule changed by the parameters" in text
     plain = session.setup(BuildOptions(profile="smoke", runs_dir=str(tmp_path)))
-    text = common.caption("Table 5", plain.profile, plain.profile.grid_pairs, runs=table5.ARTEFACT.runs(plain.profile),
-                          varied=("alpha",))  # fmt: skip
+    text = captions.caption("Table 5", plain.profile, grid.GRID_PAIRS.of(plain.profile),
+                            runs=table5.ARTEFACT.runs(plain.profile), varied=("alpha",))  # fmt: skip
     assert "not the paper's" not in text and text.startswith("Table 5. This build: 12 epochs, KCD stages of 2. ")
     assert "Profile 'smoke' (digits on the CPU" in text
+
+
+def test_each_artefact_declares_its_own_fields_and_a_notebook_sets_them_by_name():
+    """A table's settings live in its module, the paper's value and each profile's beside it; a notebook's parameter
+    of the same name sets one, checked like the value it replaces, and a rehearsal reschedules Table 3 on the paper
+    profile only (the others run Table 3 on their own schedule)."""
+    fields = declare.artefact_fields()
+    assert {"table1_pairs", "table2_pair", "table3_epochs", "grid_pairs", "alphas", "figure5_teachers"} <= set(fields)
+    for f in fields.values():
+        assert set(f.profiles) <= set(profiles.PROFILES), f.name
+        assert not hasattr(profiles.PROFILES["paper"], f.name), f"{f.name} is the artefact's, not the profile's"
+    tiny = get_profile("tiny")
+    p = declare.apply_parameters(tiny, alphas=[0.05, 0.1], table2_pair="resnet56/resnet20")
+    assert table5.ALPHAS.of(p) == (0.05, 0.1) and table5.ALPHAS.of(tiny) == (0.03,)
+    assert {dict(c.method_options)["alpha"] for c in table5.ARTEFACT.runs(p)} == {0.05, 0.1}
+    assert "resnet14" in declare.teacher_archs(p) and table2.TABLE2_PAIR.of(get_profile("paper")) == "wrn_40_2/wrn_16_2"
+    with pytest.raises(BadOption, match="parameter alphas"):
+        declare.apply_parameters(tiny, alphas=["x"])
+    with pytest.raises(BadOption, match="unknown parameter"):
+        declare.apply_parameters(tiny, table9_pair="a/b")
+    paper = declare.apply_parameters(get_profile("paper"), epochs=480, stage_epochs=80)
+    assert table3.schedule(paper) == (480, 80) and table3.schedule(get_profile("paper")) == (90, 15)
+    assert table3.schedule(declare.apply_parameters(get_profile("smoke"), epochs=4)) == (4, 2)

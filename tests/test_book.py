@@ -18,7 +18,8 @@ import torch
 from conftest import TEACHER_EPOCHS
 
 from kcdlib import artefacts, book, cli, cost, models, profiles, reference
-from kcdlib.artefacts import common, tradeoff
+from kcdlib.artefacts import declare, table1, tradeoff
+from kcdlib.artefacts.format import NOT_RUN
 from kcdlib.buildoptions import BuildOptions
 from kcdlib.errors import UnknownName
 from kcdlib.profiles import get_profile
@@ -159,20 +160,20 @@ def test_profiles_and_reference_data():
         profiles.get_profile("nope")
     for p in profiles.PROFILES.values():
         assert p.epochs % p.stage_epochs == 0
-        for pair in p.table1_pairs:
+        for pair in table1.TABLE1_PAIRS.of(p):
             assert all(a in models.ARCHS for a in p.run_pair(pair))
     assert profiles.get_profile("smoke").stages == 6
-    assert len(profiles.get_profile("paper").table1_pairs) == 11
+    assert len(table1.TABLE1_PAIRS.of(profiles.get_profile("paper"))) == 11
     assert reference.paper_table1().loc["KC-KD", "wrn_40_2/wrn_16_2"] == pytest.approx(75.70)
     assert len(reference.unix_published()) == 12
 
 
 def test_table2_matches_kcd_computation():
     p = profiles.get_profile("paper")
-    k = common.unix_k(p, "wrn_40_2/wrn_16_2")
+    k = declare.unix_k(p, "wrn_40_2/wrn_16_2")
     teacher, student = p.run_pair("wrn_40_2/wrn_16_2")
-    c = cost.unix_computation(k, 64, common.fs_over_ft(teacher, student, "cifar100"))
-    assert abs(c - common.kcd_computation(p)) < 0.01
+    c = cost.unix_computation(k, 64, declare.fs_over_ft(teacher, student, "cifar100"))
+    assert abs(c - declare.kcd_computation(p)) < 0.01
 
 
 def _distinct_colours(png: Path) -> int:
@@ -285,7 +286,7 @@ def test_a_table_shows_what_the_profile_ran_with_the_papers_table_a_click_away(t
     caption_end = shown.index("</p>")
     assert shown.index('<p class="kcd-caption">') < caption_end < shown.index("<table") and "<caption" not in h
     assert "resnet56/resnet20" not in shown[caption_end:] and "resnet56/resnet20" in full  # a pair tiny does not run
-    assert common.NOT_RUN not in shown[caption_end:] and common.NOT_RUN in full
+    assert NOT_RUN not in shown[caption_end:] and NOT_RUN in full
     cells = nbformat.read(nb, as_version=4).cells
     assert any("parameters" in c.metadata.get("tags", []) and "hide-cell" in c.metadata["tags"] for c in cells)
     assert "<details>" in (html / "book" / "artefacts" / "table1.html").read_text()

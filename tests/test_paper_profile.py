@@ -5,7 +5,7 @@ import torch
 from conftest import STUDENT, short_kd
 
 from kcdlib import artefacts, condense, models
-from kcdlib.artefacts import common, five_minutes
+from kcdlib.artefacts import declare, five_minutes
 from kcdlib.buildoptions import BuildOptions
 from kcdlib.cli import main
 from kcdlib.methods import KCD, MethodContext
@@ -64,13 +64,13 @@ def test_a_published_teacher_replaces_the_profiles_own(tmp_path, store, digits_t
     p = artefacts.setup(
         BuildOptions(profile="tiny", runs_dir=str(tmp_path / "runs"), teachers_dir=str(teachers))
     ).profile
-    cfg = common.distill(p, p.table2_pair)
+    cfg = declare.distill(p, five_minutes.pair(p))
     assert cfg.teacher is None and cfg.teacher_checkpoint == str(path) and cfg.teacher_arch == "resnet20"
     # A teacher with no published file is still trained here.
     p_none = artefacts.setup(
         BuildOptions(profile="tiny", runs_dir=str(tmp_path / "runs"), teachers_dir=str(tmp_path))
     ).profile
-    assert common.distill(p_none, p_none.table2_pair).teacher is not None
+    assert declare.distill(p_none, five_minutes.pair(p_none)).teacher is not None
 
 
 def test_kcd_distill_uses_a_published_teacher_and_records_its_accuracy(tmp_path, capsys, store, digits_teacher):

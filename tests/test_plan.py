@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kcdlib import artefacts, cli, estimate, files, plan
-from kcdlib.artefacts import common
+from kcdlib.artefacts import declare
 from kcdlib.identity import with_teachers
 from kcdlib.profiles import get_profile
 from kcdlib.runs import RunStore
@@ -23,7 +23,7 @@ def fake_timer(cfg, device, **kw):
 def tiny_store(tmp_path_factory):
     """A store holding one finished run of the tiny book: the student trained alone (resnet8, 3 epochs)."""
     store = RunStore(tmp_path_factory.mktemp("plan-runs"), device="cpu")
-    cfg = common.student_run(get_profile("tiny"), "resnet8")
+    cfg = declare.student_run(get_profile("tiny"), "resnet8")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two OpenMP threads on a shared 2-core machine spin against other processes
     try:
@@ -43,7 +43,7 @@ def test_tiny_plan_lists_the_book_runs_and_marks_the_stored_one(tiny_store):
     }
     assert (frame.est_s > 0).all() and (frame.gpu_s > 0).all()
     kcd = frame[(frame.method == "kcd") & (frame.options == "stage_epochs=1")].iloc[0]
-    assert kcd["points %"] == pytest.approx(100 * common.kcd_computation(get_profile("tiny")), abs=1)
+    assert kcd["points %"] == pytest.approx(100 * declare.kcd_computation(get_profile("tiny")), abs=1)
     text = plan.format_plan(frame)
     assert "10 runs: 1 done, 9 missing" in text
     # The runs still to train exclude the stored one; all of them include it.

@@ -44,11 +44,11 @@ def test_welch_interval_is_scipys_and_a_difference_within_noise_is_no_gain():
 
 def test_a_run_page_names_the_options_off_their_defaults():
     from kcdlib import runpages
-    from kcdlib.artefacts import common
+    from kcdlib.artefacts import declare, table4
 
     p = get_profile("tiny")
-    cfg = common.distill(p, p.table4_pair, method="kcd", value="random", augment="none")
+    cfg = declare.distill(p, table4.TABLE4_PAIR.of(p), method="kcd", value="random", augment="none")
     assert runpages.differences(cfg.canonical()) == {
         "recipe.epochs": 3, "kcd.augment": "none", "kcd.stage_epochs": 1, "kcd.value": "random",
     }  # fmt: skip
-    assert runpages.differences(common.teacher_run(p, "resnet20").canonical()) == {"recipe.epochs": 10}
+    assert runpages.differences(declare.teacher_run(p, "resnet20").canonical()) == {"recipe.epochs": 10}

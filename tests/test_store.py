@@ -26,7 +26,7 @@ import kcdlib.identity
 import kcdlib.records
 import kcdlib.runs
 from kcdlib import distillers, files, provenance
-from kcdlib.artefacts import common
+from kcdlib.artefacts import declare
 from kcdlib.cli import build_parser, config_from_args
 from kcdlib.errors import Diverged, StaleRun, StoreError
 from kcdlib.folders import locked
@@ -456,7 +456,7 @@ def test_one_run_has_one_spelling(store):
         "other number types": kcd(rho=7 / 10, alpha=3e-2, stage_epochs=2.0, eps_m=0.70),
         "command line": cli_config("--method", "kcd"),
         "command line, options": cli_config("--method", "kcd", "--rho", "0.7", "--stage-epochs", "2"),
-        "book": common.distill(get_profile("smoke"), "wrn_40_2/wrn_16_2", method="kcd"),
+        "book": declare.distill(get_profile("smoke"), "wrn_40_2/wrn_16_2", method="kcd"),
     }
     paths = {name: store.path(cfg) for name, cfg in spellings.items()}
     assert len(set(paths.values())) == 1, paths

@@ -21,7 +21,8 @@ import pkgutil
 from ..identity import RunConfig
 from ..profiles import Profile, get_profile
 from ..registry import Registry
-from .common import Artefact, Figure, Table, unique
+from .declare import Artefact, unique
+from .format import Figure, Table
 from .session import Session, setup
 
 __all__ = ["ARTEFACTS", "Artefact", "Figure", "Session", "Table", "all_runs", "get", "names", "notebook_runs",

@@ -5,7 +5,7 @@ Rows: one KC-KD run (seed 0) of the profile's Figure-5 student from each of its 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -14,14 +14,31 @@ from .. import condense
 from ..identity import RunConfig
 from ..profiles import Profile
 from ..runs import RunStore
-from .common import Artefact, Figure, changed_settings, distill_pair, run_hashes
-from .session import Session
+from .captions import changed_settings
+from .declare import Artefact, Field, distill_pair
+from .format import Figure, run_hashes
+
+if TYPE_CHECKING:
+    from .session import Session  # the notebook's, for build(); a declaration needs no session
+
+
+# Figure 5(b)'s four teachers (not named in the supplement: four of Table 1's) -> the teacher each profile runs in
+# their place; course and smoke: teachers already trained for Table 1.
+FIGURE5_TEACHERS = Field(
+    "figure5_teachers",
+    {t: t for t in ("resnet56", "wrn_40_2", "resnet32x4", "vgg13")},
+    {"smoke": {"resnet56": "resnet20", "wrn_40_2": "wrn_16_2", "resnet32x4": "resnet14", "vgg13": "wrn_16_1"},
+     "tiny": {"resnet56": "resnet20"}, "course": {"wrn_40_2": "wrn_40_2", "resnet32x4": "resnet32x4"}},
+    teachers=lambda p, teachers: teachers.values(),
+)  # fmt: skip
+# The student distilled from each of them.
+FIGURE5_STUDENT = Field("figure5_student", "resnet8x4", {"smoke": "resnet8", "tiny": "resnet8"})
 
 
 def declare(p: Profile) -> dict[str, list[RunConfig]]:
     """Paper teacher -> the KC-KD run from the teacher standing in for it."""
-    return {paper: [distill_pair(p, t, p.figure5_student, method="kcd", seed=0)] for paper, t in
-            p.figure5_teachers.items()}  # fmt: skip
+    student = FIGURE5_STUDENT.of(p)
+    return {paper: [distill_pair(p, t, student, method="kcd", seed=0)] for paper, t in FIGURE5_TEACHERS.of(p).items()}
 
 
 def value_labels(record: dict[str, Any]) -> torch.Tensor:
@@ -49,7 +66,7 @@ def build(session: Session, images_per_row: int = 10) -> Figure:
     p, store = session.profile, session.store
     declared = declare(p)
     rows = []
-    for paper_teacher, teacher in p.figure5_teachers.items():
+    for paper_teacher, teacher in FIGURE5_TEACHERS.of(p).items():
         cfg = declared[paper_teacher][0]
         y = value_labels(store.record(cfg))
         for temp in (4.0, 1.0):
@@ -96,10 +113,10 @@ def build(session: Session, images_per_row: int = 10) -> Figure:
     axs[0].set_ylabel("mean entropy of the teacher's soft labels", fontsize=11)  # one label: the panels share it
     bottom.suptitle("(b) teacher soft-label entropy over kept (y = 1) and dropped (y = 0) points", fontsize=12)
     plt.close(fig)
-    mapping = "; ".join(f"{k} → {v}" if k != v else k for k, v in p.figure5_teachers.items())
+    mapping = "; ".join(f"{k} → {v}" if k != v else k for k, v in FIGURE5_TEACHERS.of(p).items())
     runs = [cfgs[0] for cfgs in declared.values()]
     caption = (
-        f"Figure 5. KC-KD runs of {p.figure5_student} from each teacher (paper → run: {mapping}), seed 0, on "
+        f"Figure 5. KC-KD runs of {FIGURE5_STUDENT.of(p)} from each teacher (paper → run: {mapping}), seed 0, on "
         f"{first.dataset}: {first.recipe.epochs} epochs, KCD stages of {p.stage_epochs}{changed_settings(runs)}. "
         f"Profile '{p.name}' ({p.description})."
     )
@@ -110,4 +127,5 @@ def build(session: Session, images_per_row: int = 10) -> Figure:
     return Figure("figure5", caption, fig, data, key, links)
 
 
-ARTEFACT = Artefact("figure5", "Figure 5: what the value labels pick", "paper", 80, declare, build)
+ARTEFACT = Artefact("figure5", "Figure 5: what the value labels pick", "paper", 80, declare, build,
+                    fields=(FIGURE5_TEACHERS, FIGURE5_STUDENT))  # fmt: skip

@@ -26,7 +26,10 @@ from ..identity import RunConfig
 from ..profiles import Profile, get_profile
 from ..records import atomic_write
 from ..runs import RunStore
-from .common import Artefact, Table, distill, fmt, mean_sd, percent, resolution, seeds
+from . import table2
+from .captions import resolution
+from .declare import Artefact, distill, seeds
+from .format import Table, fmt, mean_sd, percent
 
 
 def notebook_seeds(profile: str | Profile, given: Sequence[int] | None) -> Sequence[int] | None:
@@ -38,10 +41,14 @@ def notebook_seeds(profile: str | Profile, given: Sequence[int] | None) -> Seque
     return list(ARTEFACT.default_seeds[name]) if name in ARTEFACT.default_seeds else None
 
 
+def pair(p: Profile) -> str:
+    """The paper pair the notebook runs: Table 2's (its runs are Table 2's KD and KC-KD)."""
+    return table2.TABLE2_PAIR.of(p)
+
+
 def declare(p: Profile) -> dict[str, list[RunConfig]]:
     """Row -> its runs, one per seed of the profile (the notebook's ``seeds``)."""
-    pair = p.table2_pair
-    return {"KD": seeds(p, distill, pair), "KCD": seeds(p, distill, pair, method="kcd")}
+    return {"KD": seeds(p, distill, pair(p)), "KCD": seeds(p, distill, pair(p), method="kcd")}
 
 
 def five_minutes_runs(profile: Profile | str) -> list[RunConfig]:

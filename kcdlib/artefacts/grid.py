@@ -1,9 +1,9 @@
 """Tables 5 (α), 6 (ρ) and 7 (augmentation): one idea, three tables. KC-KD with one setting varied, the others at
 the paper's; the paper's whole table (every setting and pair it prints), ours where the profile ran the cell.
 
-Rows: for each setting the profile runs (``profile.alphas``, ``rhos``, ``augments``) and each of its
-``grid_pairs``, the runs of that cell. :func:`grid_artefact` makes the three artefacts; ``table5.py``, ``table6.py``
-and ``table7.py`` each hold one."""
+Rows: for each setting the profile runs (the field ``alphas``, ``rhos`` or ``augments`` of ``table5.py``,
+``table6.py``, ``table7.py``) and each of the :data:`GRID_PAIRS`, the runs of that cell. :func:`grid_artefact` makes
+the three artefacts; ``table5.py``, ``table6.py`` and ``table7.py`` each hold one."""
 
 from __future__ import annotations
 
@@ -11,31 +11,25 @@ import math
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from .. import reference
 from ..profiles import Profile
-from .common import (
-    NOT_RUN,
-    Artefact,
-    Table,
-    caption,
-    cell,
-    distill,
-    frame_of,
-    kcd_rho,
-    paper,
-    paper_column,
-    percent,
-    ran,
-    run_hashes,
-    seeds,
-    teachers,
-    values,
+from .captions import caption, teachers
+from .declare import Artefact, Field, distill, kcd_rho, pair_teachers, seeds
+from .format import NOT_RUN, Table, cell, frame_of, paper, paper_column, percent, ran, run_hashes, values
+
+if TYPE_CHECKING:
+    from .session import Session  # the notebook's, for build(); a declaration needs no session
+
+# The supplement's pairs of Tables 5-7; the short profiles run the first (or its stand-in).
+GRID_PAIRS = Field(
+    "grid_pairs", ("wrn_40_2/wrn_16_2", "vgg13/MobileNetV2", "resnet32x4/ShuffleV2"),
+    {"smoke": ("wrn_40_2/wrn_16_2",), "tiny": ("wrn_40_2/wrn_16_2",), "course": ("wrn_40_2/wrn_16_2",)},
+    teachers=pair_teachers,
 )  # fmt: skip
-from .session import Session
 
 # Table 7's row names in the supplement for our augment option values.
 AUGMENT_LABELS = {"none": "K1 w/o Aug.", "random": "Aug. K1 in random (eps=eps_m)", "K1H": "Aug. K1H",
@@ -47,7 +41,7 @@ class Grid:
     table: int  # the supplement's table number
     option: str  # the KCD option varied
     symbol: str  # its name in the table
-    knob: str  # the profile's field listing the settings run
+    values: Field  # the settings run (the table's own field)
     title: str
 
     def label(self, value: Any) -> str:
@@ -60,7 +54,7 @@ class Grid:
     def declare(self, p: Profile) -> dict[tuple[Any, str], list]:
         """(setting, paper pair) -> the runs of that cell."""
         return {(v, pair): seeds(p, distill, pair, method="kcd", **{self.option: v})
-                for pair in p.grid_pairs for v in getattr(p, self.knob)}  # fmt: skip
+                for pair in GRID_PAIRS.of(p) for v in self.values.of(p)}  # fmt: skip
 
     def build(self, session: Session) -> Table:
         p, store = session.profile, session.store
@@ -72,9 +66,9 @@ class Grid:
         paper_values = [by_label.get(v, v) if self.option == "augment" else float(v) for v in published.value]
         declared = self.declare(p)
         head = paper_column(p)
-        pairs = list(dict.fromkeys([*paper_pairs, *p.grid_pairs]))
+        pairs = list(dict.fromkeys([*paper_pairs, *GRID_PAIRS.of(p)]))
         rows, cells, run_cfgs, links = [], {}, [], {}
-        for v in _unique_values([*paper_values, *getattr(p, self.knob)]):
+        for v in _unique_values([*paper_values, *self.values.of(p)]):
             label = self.label(v)
             ref_row = published[published.value.map(self.key) == self.key(v)]
             for pair in pairs:
@@ -98,14 +92,15 @@ class Grid:
         best = data.groupby("setting", sort=False)["ours"].mean()
         settings = {"alpha": f"α={p.kcd_options.get('alpha', 0.03):g}", "rho": f"ρ={kcd_rho(p):g}", "augment": "K1L"}
         others = ", ".join(text for option, text in settings.items() if option != self.option)
-        text = caption(f"{self.title} (KC-KD; the other KCD settings: {others})", p, p.grid_pairs,
+        text = caption(f"{self.title} (KC-KD; the other KCD settings: {others})", p, GRID_PAIRS.of(p),
                        teachers=teachers(store, run_cfgs), runs=run_cfgs, varied=(self.option,))  # fmt: skip
         key = {"best": str(best.idxmax()), "spread": float(best.max() - best.min())}
-        return Table(f"table{self.table}", text, ran(frame, p.grid_pairs), data, key, links, full=frame)
+        return Table(f"table{self.table}", text, ran(frame, GRID_PAIRS.of(p)), data, key, links, full=frame)
 
 
 def grid_artefact(grid: Grid, order: int) -> Artefact:
-    return Artefact(f"table{grid.table}", grid.title, "paper", order, grid.declare, grid.build)
+    return Artefact(f"table{grid.table}", grid.title, "paper", order, grid.declare, grid.build,
+                    fields=(GRID_PAIRS, grid.values))  # fmt: skip
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -3,7 +3,6 @@ are trained. Every parameter is checked here, with the command line's rules, bef
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -14,11 +13,11 @@ from typing import Any
 from .. import options
 from ..archive import FROM_RECORDS_ENV, recorded_code, recorded_fingerprints
 from ..buildoptions import BuildOptions
-from ..errors import BadOption
 from ..identity import RunConfig
-from ..profiles import Profile
+from ..profiles import Profile, published_teachers
 from ..runs import RunStore
-from .common import non_default_options, unique
+from .captions import non_default_options
+from .declare import apply_parameters, teacher_archs, unique
 
 # The fields of a run's record that the tables read.
 RECORD_FIELDS = ("final_top1", "best_top1", "final_top5", "computation", "computation_formula", "points_distilled",
@@ -118,27 +117,16 @@ def describe(cfg: RunConfig) -> str:
 def setup(build: BuildOptions | Mapping[str, Any] | None = None, **parameters: Any) -> Session:
     """A notebook's first call: ``session = setup(BuildOptions.from_notebook(globals()), alphas=values)``. ``build``
     (:class:`~kcdlib.buildoptions.BuildOptions`, or a mapping of its fields) is checked once, where it is made;
-    ``parameters`` are the notebook's own (the fields of the profile its artefact reads: ``grid_pairs``,
-    ``alphas`` ...), ``None`` keeping the profile's value."""
+    ``parameters`` are the notebook's own (its artefact's fields: ``grid_pairs``, ``alphas`` ...), ``None``
+    keeping the profile's value. The published teachers in the build's ``teachers_dir`` replace the profile's own
+    wherever one exists."""
     if not isinstance(build, BuildOptions):
         build = BuildOptions.from_mapping(build or {})
-    p = build.applied()
-    changes = {}
-    for name, value in parameters.items():
-        if value is None:
-            continue
-        if not hasattr(p, name):
-            raise BadOption(f"unknown parameter {name}")
-        current = getattr(p, name)
-        if isinstance(current, tuple):
-            value = tuple(_list_of(name, value, lambda v, c=current: _like(v, c[0]) if c else True,
-                                   f"values like {current[:2]}"))  # fmt: skip
-        elif not _like(value, current):
-            raise BadOption(f"parameter {name} must be like {current!r}, got {value!r}")
-        elif isinstance(value, int) and value < 1:
-            raise BadOption(f"parameter {name} must be at least 1, got {value}")
-        changes[name] = value
-    p = p.with_options(**changes)
+    # The build's schedule again, so the artefacts' fields that follow it (Table 3's ImageNet schedule) do.
+    p = apply_parameters(build.applied(), **build.schedule(), **parameters)
+    published = published_teachers(build.teachers_dir, teacher_archs(p))
+    if published:
+        p = p.with_options(teacher_checkpoints={**p.teacher_checkpoints, **published})
     # kcd book --from-records: the data fingerprints and the code come from the store's records (the data is not
     # here, and the code may be newer).
     from_records = os.environ.get(FROM_RECORDS_ENV) == "1"
@@ -151,24 +139,3 @@ def setup(build: BuildOptions | Mapping[str, Any] | None = None, **parameters: A
         p, store, devices, build.jobs_per_device,
         Path(build.progress_file) if build.progress_file else None, Path(build.book_root) if build.book_root else None,
     )  # fmt: skip
-
-
-def _like(value: Any, example: Any) -> bool:
-    """``value`` has the type of ``example`` (an int stands for a float; a bool is no number)."""
-    if isinstance(value, bool) or isinstance(example, bool):
-        return isinstance(value, bool) and isinstance(example, bool)
-    if isinstance(example, float):
-        return isinstance(value, int | float) and math.isfinite(value)
-    return isinstance(value, type(example))
-
-
-def _list_of(name: str, value: Any, ok, what: str) -> list | None:
-    """A notebook parameter that must be a list (``-y 'seeds: [0, 1]'``), each element checked."""
-    if value is None:
-        return None
-    if not isinstance(value, list | tuple):
-        raise BadOption(f"parameter {name} must be a list of {what} (papermill: -y '{name}: [...]'), got {value!r}")
-    bad = [v for v in value if not ok(v)]
-    if bad or not value:
-        raise BadOption(f"parameter {name} must be a non-empty list of {what}, got {list(value)!r}")
-    return list(value)

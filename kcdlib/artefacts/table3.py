@@ -5,13 +5,27 @@ Rows: KD and KC-KD of the profile's Table-3 pair, on its Table-3 dataset and sch
 from __future__ import annotations
 
 import statistics
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from ..profiles import Profile
-from .common import Artefact, Table, caption, cell, distill_pair, paper_column, percent, run_hashes, teachers, values
+from .captions import caption, teachers
+from .declare import Artefact, Field, distill_pair, pair_teachers
+from .format import Table, cell, paper_column, percent, run_hashes, values
 from .noise import METHOD, difference
-from .session import Session
+
+if TYPE_CHECKING:
+    from .session import Session  # the notebook's, for build(); a declaration needs no session
+
+# Table 3's dataset and pair (the paper's: ImageNet ResNet34 -> ResNet18, stood in for by a profile's pairs), and
+# its own schedule: ImageNet's protocol on the paper profile (90 epochs, stages of 15), else the profile's (None);
+# a rehearsal's epochs reschedule it.
+TABLE3_DATASET = Field("table3_dataset", "imagenet", {"smoke": "digits", "tiny": "digits", "course": "cifar100"})
+TABLE3_PAIR = Field("table3_pair", "ResNet34/ResNet18", teachers=pair_teachers)
+SHORT = {"smoke": None, "tiny": None, "course": None}
+TABLE3_EPOCHS = Field("table3_epochs", 90, SHORT, follows="epochs")
+TABLE3_STAGE_EPOCHS = Field("table3_stage_epochs", 15, SHORT, follows="stage_epochs")
 
 # Table 3's absolute computation as the paper quotes it (ImageNet: 1.26M points x 90 epochs for KD).
 PAPER_IMAGENET_CA = {"KD": 114e6, "KC-KD": 81e6}
@@ -19,16 +33,16 @@ PAPER_IMAGENET_CA = {"KD": 114e6, "KC-KD": 81e6}
 
 def schedule(p: Profile) -> tuple[int, int]:
     """Table 3's (epochs, stage epochs): ImageNet's own protocol on the paper profile, else the profile's."""
-    return p.table3_epochs or p.epochs, p.table3_stage_epochs or p.stage_epochs
+    return TABLE3_EPOCHS.of(p) or p.epochs, TABLE3_STAGE_EPOCHS.of(p) or p.stage_epochs
 
 
 def declare(p: Profile) -> dict[str, list]:
     """Method -> the runs (one per seed)."""
     epochs, t = schedule(p)
-    teacher, student = p.run_pair(p.table3_pair)
+    teacher, student = p.run_pair(TABLE3_PAIR.of(p))
+    dataset = TABLE3_DATASET.of(p)
     # An ImageNet teacher trained here follows ImageNet's own protocol (Table 3's epochs), not CIFAR's 240.
-    kw = {"dataset": p.table3_dataset, "epochs": epochs,
-          "teacher_epochs": epochs if p.table3_dataset != p.dataset else None}  # fmt: skip
+    kw = {"dataset": dataset, "epochs": epochs, "teacher_epochs": epochs if dataset != p.dataset else None}
     return {
         "KD": [distill_pair(p, teacher, student, seed=s, **kw) for s in p.seeds],
         "KC-KD": [distill_pair(p, teacher, student, method="kcd", stage_epochs=t, seed=s, **kw)
@@ -40,7 +54,8 @@ def build(session: Session) -> Table:
     """Table 3: ImageNet ResNet34 -> ResNet18, KD and KC-KD: top-1, top-5 and the absolute computation C_a."""
     p, store = session.profile, session.store
     declared = declare(p)
-    head = paper_column(p.with_options(dataset=p.table3_dataset), "imagenet", "C_a paper", "C_a paper")
+    dataset = TABLE3_DATASET.of(p)
+    head = paper_column(p.with_options(dataset=dataset), "imagenet", "C_a paper", "C_a paper")
     rows, display, links = [], [], {}
     for label, cfgs in declared.items():
         m1, s1, t1 = cell(store, cfgs)
@@ -62,8 +77,8 @@ def build(session: Session) -> Table:
         "are not in our reference files"
         + ("; on ImageNet VAKS's mixes are replayed after decoding, a source of another size resized to its "
            "target's, our extension of the released code, which mixes CIFAR tensors only)"
-           if p.table3_dataset == "imagenet" else ")"),
-        p, [p.table3_pair], p.table3_dataset,
+           if dataset == "imagenet" else ")"),
+        p, [TABLE3_PAIR.of(p)], dataset,
         paper_note=f"paper: the absolute computation it quotes for ImageNet; KC − base: KC-KD's mean top-1 minus "
         f"KD's with a {METHOD} 95 % interval over seeds (one seed: the bare difference)",
         teachers=teachers(store, [c for cfgs in declared.values() for c in cfgs]),
@@ -77,4 +92,5 @@ def build(session: Session) -> Table:
     return Table("table3", text, frame, data, key, links)
 
 
-ARTEFACT = Artefact("table3", "Table 3: ImageNet, ResNet34 → ResNet18", "paper", 30, declare, build)
+ARTEFACT = Artefact("table3", "Table 3: ImageNet, ResNet34 → ResNet18", "paper", 30, declare, build,
+                    fields=(TABLE3_DATASET, TABLE3_PAIR, TABLE3_EPOCHS, TABLE3_STAGE_EPOCHS))  # fmt: skip

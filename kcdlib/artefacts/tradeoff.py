@@ -13,7 +13,7 @@ import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -21,9 +21,12 @@ from .. import condense, reference
 from ..identity import RunConfig
 from ..profiles import Profile
 from ..runpages import href
-from . import table1, table2, table3, table4, table5, table6, table7
-from .common import KCD_RHO, Artefact, Table, mean_sd, percent, run_hashes, values
-from .session import Session
+from . import grid, table1, table2, table3, table4, table5, table6, table7
+from .declare import KCD_RHO, Artefact
+from .format import Table, mean_sd, percent, run_hashes, values
+
+if TYPE_CHECKING:
+    from .session import Session  # the notebook's, for build(); a declaration needs no session
 
 
 @dataclass
@@ -72,7 +75,7 @@ def declare(p: Profile) -> dict[tuple[str, str], list[RunConfig]]:
     another point (Table 1's KD over three seeds holds Table 2's KD of seed 0), nor is a second point of one label."""
     labelled: list[tuple[str, list[RunConfig]]] = []
     labelled += [(lab, cfgs) for (_, lab), cfgs in table1.declare(p).items() if lab not in ("Teacher", "Student")]
-    k = table2.unix_k(p, p.table2_pair)
+    k = table2.unix_k(p, table2.TABLE2_PAIR.of(p))
     labelled += [(f"UNIX (k={k})" if lab == table2.UNIX_RERUN else lab, cfgs)
                  for lab, cfgs in table2.declare(p).items()]  # fmt: skip
     labelled += [(f"KC-KD, {lab}", cfgs) for lab, cfgs in table4.declare(p).items() if not lab.startswith("KD")]
@@ -94,7 +97,8 @@ def paper_points(p: Profile) -> pd.DataFrame:
     Table 6's ρ at C from Eq. 16 at the paper's setting (240 epochs, stages of 40), UNIX as published."""
     t1, grids, unix = reference.paper_table1(), reference.paper_tables5to7(), reference.unix_published()
     rows = []
-    for pair in dict.fromkeys([*p.table1_pairs, p.table2_pair, p.table4_pair, *p.grid_pairs]):
+    pairs = [*table1.TABLE1_PAIRS.of(p), table2.TABLE2_PAIR.of(p), table4.TABLE4_PAIR.of(p), *grid.GRID_PAIRS.of(p)]
+    for pair in dict.fromkeys(pairs):
         teacher, student = p.run_pair(pair)
         where = {"paper_pair": pair, "group": f"{teacher} → {student} ({p.dataset})"}
         if pair in t1.columns:
