@@ -32,10 +32,10 @@ from .runs import STALE_POLICIES
 KNOBS = {
     "temperature": ("loss", "temperature"),
     "gamma": ("loss", "gamma"),
-    "kd_weight": ("loss", "alpha"),
+    "kd_weight": ("loss", "kd_weight"),
     "beta": ("loss", "beta"),
     "rho": ("kcd", "rho"),
-    "cost_exponent": ("kcd", "alpha"),
+    "cost_exponent": ("kcd", "cost_exponent"),
 }
 KNOB_HELP = {
     "temperature": "KD temperature T (4)",

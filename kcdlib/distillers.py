@@ -96,11 +96,11 @@ class CrossEntropy(Distiller):
 
 @register("kd")
 class KD(Distiller):
-    """Vanilla KD: ``γ = 0.1, α = 0.9, T = 4``."""
+    """Vanilla KD: ``γ = 0.1, α = 0.9, T = 4`` (``gamma``, ``kd_weight``, ``temperature``)."""
 
     option_specs = {
         "gamma": Option(0.1, **non_negative()),
-        "alpha": Option(0.9, **non_negative()),
+        "kd_weight": Option(0.9, **non_negative()),
         "temperature": Option(4.0, **positive()),
     }
 
@@ -108,7 +108,7 @@ class KD(Distiller):
         o = self.options
         return {
             "ce": o["gamma"] * F.cross_entropy(s_logits, labels),
-            "kd": o["alpha"] * kd_loss(s_logits, t_logits, o["temperature"]),
+            "kd": o["kd_weight"] * kd_loss(s_logits, t_logits, o["temperature"]),
         }
 
 
@@ -116,7 +116,8 @@ class KD(Distiller):
 class UnixKD(KD):
     """UNIX's loss: KD alone (``γ = 0, α = 1, T = 4``), as in its official code."""
 
-    option_specs = {**KD.option_specs, "gamma": Option(0.0, **non_negative()), "alpha": Option(1.0, **non_negative())}
+    option_specs = {**KD.option_specs, "gamma": Option(0.0, **non_negative()),
+                    "kd_weight": Option(1.0, **non_negative())}  # fmt: skip
 
 
 def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

@@ -106,7 +106,7 @@ class KCD(Method):
     M-step: distil on the condensed set ``K^t`` for ``T`` epochs, recording each sample's entropy (OGVE).
     E-step, at each stage boundary except after the last epoch: rank all ``N`` points by the cost-aware value
     ``(F/T)^α · V``, keep the next stage's ``⌊τ^{t+1} N⌋`` best (``K1``) and mix the ``m`` just below the cut
-    (``K0``) into the weakest kept ones (``K1L``): VAKS. Options (paper defaults): ``rho`` 0.7, ``alpha``
+    (``K0``) into the weakest kept ones (``K1L``): VAKS. Options (paper defaults): ``rho`` 0.7, ``cost_exponent`` (α)
     0.03, ``stage_epochs`` ``T`` (default ``I/6``: the paper's 40 of 240), ``schedule`` ``paper`` (Eq. 16) or
     ``official`` (the released code's), ``augment`` ``K1L``/``K1H``/``random``/``none``, ``eps_m`` 0.7,
     ``value`` ``entropy``, ``ce`` (the student's cross-entropy with the label recorded instead of its entropy:
@@ -122,7 +122,7 @@ class KCD(Method):
     modifies_images = True
     option_specs = {
         "rho": Option(0.7, **between(0, 1, low_open=True)),
-        "alpha": Option(0.03, **non_negative()),
+        "cost_exponent": Option(0.03, **non_negative()),
         "stage_epochs": Option(None, int, **positive()),  # None: I/6, the paper's 40 of 240
         "schedule": Option("paper", str, choices=condense.SCHEDULE_KINDS),
         "augment": Option("K1L", str, choices=condense.AUGMENTS),
@@ -185,7 +185,7 @@ class KCD(Method):
             g = torch.Generator().manual_seed(self.context.seed * 1009 + stage)
             ranking = torch.randperm(self.context.num_points, generator=g)
         plan = condense.summarize(
-            self.values, previous, new, alpha=self.options["alpha"], stage_epochs=self.T,
+            self.values, previous, new, alpha=self.options["cost_exponent"], stage_epochs=self.T,
             augment=self.options["augment"], eps_m=self.options["eps_m"], seed=self.context.seed + stage,
             ranking=ranking, untrained=self.options["untrained"],
         )  # fmt: skip

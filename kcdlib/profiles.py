@@ -47,7 +47,7 @@ class Profile:
     pairs: dict[str, str]
     teacher_checkpoints: dict[str, str] = field(default_factory=dict)
     # The course's knobs (a notebook's parameters), empty = the paper's defaults: options of every distiller that
-    # has them (temperature, gamma, alpha, beta) and of every KCD run (rho, alpha of the value score).
+    # has them (temperature, gamma, kd_weight, beta) and of every KCD run (rho, cost_exponent of the value score).
     loss_options: dict[str, float] = field(default_factory=dict)
     kcd_options: dict[str, float] = field(default_factory=dict)
     # Seeds of the runs the findings page weighs against seed noise (Table 1's KD and KC-KD rows), when more than

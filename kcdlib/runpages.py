@@ -2,7 +2,7 @@
 
 ``kcd book`` writes ``book/runs/<hash>.md`` for every run the build's notebooks read (and the teachers they learned
 from), and ``book/runs/index.md`` listing them; :func:`kcdlib.book.toc` puts them in the table of contents. A
-table cell links to the pages of the runs it is made of (:meth:`kcdlib.artefacts.common.Table.linked`).
+table cell links to the pages of the runs it is made of (:meth:`kcdlib.artefacts.format.Table.linked`).
 
 A page shows only what the record holds and nothing of the machine that made it: no path, no host name (a
 published teacher is named by the SHA-256 of its file, not by where it was found).

@@ -107,7 +107,7 @@ def test_kcd_knobs_reach_every_kcd_run_but_a_table_keeps_its_own_setting(tmp_pat
     for cfg in kcd:
         o = dict(cfg.method_options)
         assert o["rho"] == (rho if cfg.options_hash in own_rho else 0.5)
-        assert o["alpha"] == (0.0 if cfg in alpha0 else alpha if cfg.options_hash in own_alpha else 0.1)
+        assert o["cost_exponent"] == (0.0 if cfg in alpha0 else alpha if cfg.options_hash in own_alpha else 0.1)
     # UNIX's k is matched to KCD's C, which follows ρ.
     assert declare.kcd_computation(p) < declare.kcd_computation(get_profile("tiny"))
 
@@ -179,12 +179,12 @@ def test_captions_name_the_settings_the_runs_used(tmp_path):
     s = session.setup(BuildOptions(profile="smoke", runs_dir=str(tmp_path), temperature=2, epochs=4))
     runs = table5.ARTEFACT.runs(s.profile)
     assert {dict(c.distiller_options)["temperature"] for c in runs} == {2}
-    text = captions.caption("Table 5", s.profile, grid.GRID_PAIRS.of(s.profile), runs=runs, varied=("alpha",))
+    text = captions.caption("Table 5", s.profile, grid.GRID_PAIRS.of(s.profile), runs=runs, varied=("cost_exponent",))
     assert text.startswith("Table 5. This build: 4 epochs, KCD stages of 2; not the paper's settings: T=2. ")
     assert "as in the paper" not in text and "with its schedule changed by the parameters" in text
     plain = session.setup(BuildOptions(profile="smoke", runs_dir=str(tmp_path)))
     text = captions.caption("Table 5", plain.profile, grid.GRID_PAIRS.of(plain.profile),
-                            runs=table5.ARTEFACT.runs(plain.profile), varied=("alpha",))  # fmt: skip
+                            runs=table5.ARTEFACT.runs(plain.profile), varied=("cost_exponent",))  # fmt: skip
     assert "not the paper's" not in text and text.startswith("Table 5. This build: 12 epochs, KCD stages of 2. ")
     assert "Profile 'smoke' (digits on the CPU" in text
 
@@ -201,7 +201,7 @@ def test_each_artefact_declares_its_own_fields_and_a_notebook_sets_them_by_name(
     tiny = get_profile("tiny")
     p = declare.apply_parameters(tiny, alphas=[0.05, 0.1], table2_pair="resnet56/resnet20")
     assert table5.ALPHAS.of(p) == (0.05, 0.1) and table5.ALPHAS.of(tiny) == (0.03,)
-    assert {dict(c.method_options)["alpha"] for c in table5.ARTEFACT.runs(p)} == {0.05, 0.1}
+    assert {dict(c.method_options)["cost_exponent"] for c in table5.ARTEFACT.runs(p)} == {0.05, 0.1}
     assert "resnet14" in declare.teacher_archs(p) and table2.TABLE2_PAIR.of(get_profile("paper")) == "wrn_40_2/wrn_16_2"
     with pytest.raises(BadOption, match="parameter alphas"):
         declare.apply_parameters(tiny, alphas=["x"])

@@ -59,8 +59,8 @@ def test_finished_run_is_reused_not_retrained(store, digits_teacher):
 
 
 def test_config_hash_is_canonical(digits_teacher):
-    a = short_kd(digits_teacher, epochs=6, method="kcd", method_options={"rho": 0.7, "alpha": 0.03})
-    b = short_kd(digits_teacher, epochs=6, method="kcd", method_options={"alpha": 0.03, "rho": 0.7})
+    a = short_kd(digits_teacher, epochs=6, method="kcd", method_options={"rho": 0.7, "cost_exponent": 0.03})
+    b = short_kd(digits_teacher, epochs=6, method="kcd", method_options={"cost_exponent": 0.03, "rho": 0.7})
     assert a.options_hash == b.options_hash
     assert short_kd(digits_teacher, epochs=6, method="kcd", seed=1).options_hash != a.options_hash
     assert short_kd(digits_teacher, epochs=5).options_hash != short_kd(digits_teacher, epochs=4).options_hash

@@ -107,7 +107,7 @@ def test_the_hand_made_e_step_is_the_runs_condensation(store, short_kcd):
     watch = five_minutes.watch_kcd(store, cfg)
     n = store.dataset("digits").num_train
     sizes = condense.keep_schedule("paper", n, 2, 1, 0.5)
-    plan = condense.summarize(five_minutes.value_record_at(watch, 1), sizes[0], sizes[1], alpha=o["alpha"],
+    plan = condense.summarize(five_minutes.value_record_at(watch, 1), sizes[0], sizes[1], alpha=o["cost_exponent"],
                               stage_epochs=1, augment=o["augment"], eps_m=o["eps_m"], seed=cfg.seed + 1,
                               untrained=o["untrained"])  # fmt: skip
     assert set(plan.kept.tolist()) == set(watch[(watch.condensation == 1) & watch.after].point)

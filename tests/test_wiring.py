@@ -92,12 +92,13 @@ def test_every_kcd_option_reaches_the_summary(store, digits_teacher, monkeypatch
     calls = []
     real = condense.summarize
     monkeypatch.setattr(methods.condense, "summarize", lambda *a, **kw: (calls.append(kw), real(*a, **kw))[1])
-    options = {"alpha": 0.5, "augment": "K1H", "eps_m": 0.4, "untrained": "last", "value": "random"}
+    options = {"cost_exponent": 0.5, "augment": "K1H", "eps_m": 0.4, "untrained": "last", "value": "random"}
     trainer = kcd_trainer(store, digits_teacher, epochs=2, **options)
     subset(trainer, 64)
     trainer.train_epoch()
     (kw,) = calls
-    assert {k: kw[k] for k in ("alpha", "augment", "eps_m", "untrained")} == {k: options[k] for k in kw if k in options}
+    assert kw["alpha"] == options["cost_exponent"]  # summarize's α
+    assert {k: kw[k] for k in ("augment", "eps_m", "untrained")} == {k: options[k] for k in kw if k in options}
     assert kw["stage_epochs"] == 1
     assert kw["ranking"] is not None, "--value random must replace the value ranking"
 

@@ -1,6 +1,6 @@
 """The book's tables and figures, one module each, and the one registry of them.
 
-Each artefact module declares its rows once and makes an :class:`~kcdlib.artefacts.common.Artefact` of them
+Each artefact module declares its rows once and makes an :class:`~kcdlib.artefacts.declare.Artefact` of them
 (``ARTEFACT = Artefact(name, title, part, order, declare, build)``); its notebook is ``notebooks/<name>.md``. This
 package finds every module that holds an ``ARTEFACT``, and everything that lists artefacts is derived from
 :data:`ARTEFACTS`: the notebooks ``kcd book`` executes and their order, the book's table of contents, the runs a

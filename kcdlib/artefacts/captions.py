@@ -25,7 +25,7 @@ def changed_options(cfg: RunConfig) -> dict[str, Any]:
             changed[name] = value
     for name, value in cfg.distiller_options:
         if value != distillers.DISTILLERS[cfg.distiller].option_specs[name].default:
-            changed["kd_alpha" if name == "alpha" else name] = value  # KCD has an alpha too
+            changed[name] = value
     return changed
 
 
@@ -79,7 +79,8 @@ def caption(
 
 
 # How a caption names an option (the paper's symbols where it has one).
-OPTION_NAMES = {"temperature": "T", "gamma": "γ", "kd_alpha": "α (KD term)", "alpha": "α", "beta": "β", "rho": "ρ"}
+OPTION_NAMES = {"temperature": "T", "gamma": "γ", "kd_weight": "α (KD term)", "cost_exponent": "α", "beta": "β",
+                "rho": "ρ"}  # fmt: skip
 
 
 def changed_settings(runs: Iterable[RunConfig], varied: Iterable[str] = ()) -> str:

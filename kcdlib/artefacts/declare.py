@@ -129,7 +129,7 @@ def distill_pair(
     the profile's stage length ``T`` and its KCD knobs (``profile.kcd_options``: ρ, the score's α); the loss knobs
     (``profile.loss_options``: temperature, γ, α, β) go to the distiller when it has them (not to a method's own
     loss: UNIX keeps its KD). ``options`` (``rho``,
-    ``alpha``, ``augment``, UNIX's ``k``) win over the knobs: a table that varies a setting keeps its own."""
+    ``cost_exponent``, ``augment``, UNIX's ``k``) win over the knobs: a table that varies a setting keeps its own."""
     dataset = dataset or profile.dataset
     if method == "kcd":
         options = {"stage_epochs": profile.stage_epochs, **profile.kcd_options, **options}

@@ -267,7 +267,7 @@ def watch_kcd(store: RunStore, cfg: RunConfig) -> pd.DataFrame:
             "condensation": trainer.epoch // method.T, "point": range(n),
             "V": method.values.values.cpu().numpy(), "F": state["frequency"].numpy(),
             "value_sum": state["value_sum"].numpy(),
-            "score": method.values.score(method.options["alpha"], method.T).cpu().numpy(),
+            "score": method.values.score(method.options["cost_exponent"], method.T).cpu().numpy(),
             "label": trainer.data.train_labels.cpu().numpy(),
             "before": before.numpy(), "after": after.numpy(),
         }))  # fmt: skip
@@ -372,7 +372,7 @@ def point_signals(store: RunStore, cfg: RunConfig, batch: int = 512) -> pd.DataF
             y = data.train_labels[start : start + batch]
             z_s, z_t = student(x).float(), teacher(x).float()
             kl = F.kl_div(F.log_softmax(z_s / t, 1), F.softmax(z_t / t, 1), reduction="none").sum(1) * t**2
-            loss = o.get("gamma", 0.0) * F.cross_entropy(z_s, y, reduction="none") + o.get("alpha", 0.0) * kl
+            loss = o.get("gamma", 0.0) * F.cross_entropy(z_s, y, reduction="none") + o.get("kd_weight", 0.0) * kl
             rows.append(pd.DataFrame({"entropy": condense.softmax_entropy(z_s).cpu().numpy(),
                                       "loss": loss.cpu().numpy()}))  # fmt: skip
     return pd.concat(rows, ignore_index=True).rename_axis("point")

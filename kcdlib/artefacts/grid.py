@@ -90,7 +90,11 @@ class Grid:
         frame = frame_of(cells, [(pair, k) for pair in pairs for k in (head, "ours", "C (counted)")], self.symbol)
         data = pd.DataFrame(rows)
         best = data.groupby("setting", sort=False)["ours"].mean()
-        settings = {"alpha": f"α={p.kcd_options.get('alpha', 0.03):g}", "rho": f"ρ={kcd_rho(p):g}", "augment": "K1L"}
+        settings = {
+            "cost_exponent": f"α={p.kcd_options.get('cost_exponent', 0.03):g}",
+            "rho": f"ρ={kcd_rho(p):g}",
+            "augment": "K1L",
+        }
         others = ", ".join(text for option, text in settings.items() if option != self.option)
         text = caption(f"{self.title} (KC-KD; the other KCD settings: {others})", p, GRID_PAIRS.of(p),
                        teachers=teachers(store, run_cfgs), runs=run_cfgs, varied=(self.option,))  # fmt: skip

@@ -28,7 +28,7 @@ TABLE4_PAIR = Field("table4_pair", "wrn_40_2/wrn_16_2", teachers=pair_teachers)
 ROWS = (
     ("KD (all points)", "kd", {}),
     ("random condensation (KCD's schedule)", "kcd", {"value": "random", "augment": "none"}),
-    ("+ value ranking, no cost-aware factor (α=0)", "kcd", {"alpha": 0.0, "augment": "none"}),
+    ("+ value ranking, no cost-aware factor (α=0)", "kcd", {"cost_exponent": 0.0, "augment": "none"}),
     ("+ cost-aware factor (α=0.03), no augmentation", "kcd", {"augment": "none"}),
     ("+ knowledge augmentation K1L = full KCD (paper schedule)", "kcd", {}),
     ("full KCD, released code's schedule", "kcd", {"schedule": "official"}),
