@@ -52,6 +52,12 @@ def forward_macs(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32)) ->
     return total
 
 
+def fs_over_ft(student: nn.Module, teacher: nn.Module, image_size: int) -> float:
+    """UNIX's ``Fs/Ft``: the student's forward multiply-adds over the teacher's, for one image of the dataset's size."""
+    size = (3, image_size, image_size)
+    return forward_macs(student, size) / forward_macs(teacher, size)
+
+
 def _check(batch: int, fs_over_ft: float) -> None:
     if batch <= 0:
         raise BadOption(f"batch must be positive, got {batch}")

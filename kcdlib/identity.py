@@ -148,6 +148,13 @@ def identity(cfg: RunConfig, data: dict[str, Any], code: str) -> dict[str, Any]:
     return {"run": cfg.canonical(), "data": data, "numerics": NUMERICS_VERSION, "code": code}
 
 
+def loss_of(distiller: str, method: str) -> str:
+    """The distiller a run of ``method`` trains with: a method whose loss is not plain KD (UNIX: KD alone, γ = 0,
+    α = 1) brings its own in place of the default ``kd``; any other distiller is as named."""
+    own = methods.METHODS[method].loss
+    return own if own is not None and distiller == "kd" else distiller
+
+
 def checkpoint_sha256(path: str | os.PathLike) -> str:
     """The content hash that identifies a teacher checkpoint file in a run's identity."""
     try:
@@ -195,11 +202,7 @@ def distill_config(
         if teacher_arch is not None and teacher_arch != teacher.arch:
             raise BadOption(f"teacher_arch '{teacher_arch}' contradicts the teacher run's '{teacher.arch}'")
         teacher_arch = teacher.arch
-    methods.METHODS.check(method)
-    # A method whose loss is not plain KD (UNIX: KD alone) brings its own distiller.
-    method_loss = methods.METHODS[method].loss
-    if method_loss is not None and distiller == "kd":
-        distiller = method_loss
+    distiller = loss_of(distiller, method)
     return RunConfig(
         dataset=dataset,
         arch=student,

@@ -140,9 +140,7 @@ class KCD(Method):
                 raise BadOption(f"KCD's default keeps six stages: {epochs} epochs are not a multiple of 6; "
                                 "give stage_epochs")  # fmt: skip
             o["stage_epochs"] = epochs // 6
-        if epochs % o["stage_epochs"]:
-            raise BadOption(f"epochs (I={epochs}) must be a multiple of the stage length (T={o['stage_epochs']}) "
-                            "so that every stage has T epochs")  # fmt: skip
+        condense.check_schedule(o["schedule"], 1, epochs, o["stage_epochs"], o["rho"])  # I a multiple of T, ...
         return o
 
     def __init__(self, context: MethodContext):

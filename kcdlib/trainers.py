@@ -69,10 +69,7 @@ def build_trainer(
         options=dict(cfg.distiller_options),
     )
     distiller = distillers.build(cfg.distiller, context).to(device)
-    fs_over_ft = 1.0
-    if teacher is not None:
-        size = (3, data.image_size, data.image_size)
-        fs_over_ft = cost.forward_macs(student, size) / cost.forward_macs(teacher, size)
+    fs_over_ft = cost.fs_over_ft(student, teacher, data.image_size) if teacher is not None else 1.0
     method = method_for(cfg, data, device, fs_over_ft, group)
     return Trainer(
         student, data, cfg.recipe, distiller, teacher, method, seed=cfg.seed, progress=progress,

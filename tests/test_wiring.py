@@ -77,7 +77,7 @@ def test_the_step_computes_a_signal_only_for_a_method_that_declares_one(store, d
 
 def test_the_condensed_set_is_the_top_of_the_ranking_under_the_runs_alpha(store, digits_teacher):
     alpha = 2.0  # far from the default 0.03: a run that ignored its alpha would keep another set
-    trainer = kcd_trainer(store, digits_teacher, alpha=alpha, augment="none")
+    trainer = kcd_trainer(store, digits_teacher, cost_exponent=alpha, augment="none")
     for _ in range(2):  # two condensations: F then differs between points, so alpha matters
         trainer.train_epoch()
     method = trainer.method

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .. import condense, cost, distillers, models
 from .. import data as datasets
 from ..errors import BadOption
-from ..identity import RunConfig, distill_config, teacher_config
+from ..identity import RunConfig, distill_config, loss_of, teacher_config
 from ..methods import METHODS
 from ..profiles import Profile, get_profile
 
@@ -133,9 +133,8 @@ def distill_pair(
     dataset = dataset or profile.dataset
     if method == "kcd":
         options = {"stage_epochs": profile.stage_epochs, **profile.kcd_options, **options}
-    # A method with a loss of its own (UNIX: KD alone, γ = 0, α = 1) keeps it: the knobs are the named distiller's.
-    own_loss = distiller == "kd" and METHODS[method].loss is not None
-    specs = {} if own_loss else distillers.DISTILLERS[distiller].option_specs
+    # A method with a loss of its own (UNIX's) keeps it: the knobs are the named distiller's only.
+    specs = distillers.DISTILLERS[distiller].option_specs if loss_of(distiller, method) == distiller else {}
     loss_options = {k: v for k, v in profile.loss_options.items() if k in specs}
     source: dict[str, Any]
     if teacher in profile.teacher_checkpoints:
@@ -160,12 +159,10 @@ def seeds(profile: Profile, make: Callable[..., RunConfig], *args: Any, **kw: An
 
 
 def fs_over_ft(teacher: str, student: str, dataset: str) -> float:
-    """Student/teacher forward multiply-adds at the dataset's image size (UNIX's Fs/Ft), counted."""
+    """UNIX's Fs/Ft (:func:`kcdlib.cost.fs_over_ft`) of two architectures on ``dataset``."""
     spec = datasets.spec(dataset)
-    size = (3, spec.image_size, spec.image_size)
-    return cost.forward_macs(models.create(student, spec.num_classes), size) / cost.forward_macs(
-        models.create(teacher, spec.num_classes), size
-    )
+    return cost.fs_over_ft(models.create(student, spec.num_classes), models.create(teacher, spec.num_classes),
+                           spec.image_size)  # fmt: skip
 
 
 def kcd_rho(profile: Profile) -> float:
