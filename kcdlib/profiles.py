@@ -111,8 +111,8 @@ PROFILES: Registry[Profile] = Registry("profile", {
     ),
     "course": Profile(
         # Sized to fit a class: at most an hour on one H200 with 4 runs at a time (kcd book --jobs-per-device 4),
-        # by kcdlib.plan.h200_estimate, an EXTRAPOLATION from the one H200 measurement recorded in
-        # benchmarks/README.md ("Measured figures", log benchmarks/results/gpu_check_h200_2026-11-28.log):
+        # by kcdlib.estimate.gpu_estimate, an EXTRAPOLATION from the H200 figures of kcdlib/gpu_figures.json, as
+        # recorded in benchmarks/README.md ("Measured figures", log benchmarks/results/gpu_check_h200_2026-11-28.log):
         # resnet32x4 -> resnet8x4 KD, fp32 eager, batch 64, a 50,000-image epoch in 7.08 s (7,063 images/s,
         # `bench_epoch.py --mode engine --steps 0`), and four concurrent runs at 18,592 images/s against 6,275 for
         # one (2.96x, efficiency 0.74); other pairs scaled by multiply-adds or layers, whichever is slower. At 60
