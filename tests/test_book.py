@@ -132,7 +132,7 @@ def test_a_refused_parameter_inside_a_notebook_is_one_line(tmp_path, capfd):
     err = capfd.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("kcd: error: notebook 'table5' (cell ") and "BadOption" not in err
-    assert "parameter alphas must be a non-empty list of values like (0.01, 0.03)" in err and "]. Full" in err
+    assert "parameter alphas must be a non-empty list of values like (0.03,)" in err and "]. Full" in err
     assert f"Full traceback: {out.with_suffix('.log')}" in err and "BadOption" in out.with_suffix(".log").read_text()
     assert "Traceback" not in err and "IPKernelApp" not in err
 
