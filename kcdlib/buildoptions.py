@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,25 +26,11 @@ from .options import device as resolve_device
 from .profiles import Profile, get_profile
 from .runs import STALE_POLICIES
 
-# The course's knobs: a build option -> (whose option it is, the option). A loss knob sets that option of every
-# distiller that has it (UNIX's own loss is UNIX's protocol and keeps its values); a KCD knob sets it on every KCD
-# run (the tables that vary one keep their own value).
-KNOBS = {
-    "temperature": ("loss", "temperature"),
-    "gamma": ("loss", "gamma"),
-    "kd_weight": ("loss", "kd_weight"),
-    "beta": ("loss", "beta"),
-    "rho": ("kcd", "rho"),
-    "cost_exponent": ("kcd", "cost_exponent"),
-}
-KNOB_HELP = {
-    "temperature": "KD temperature T (4)",
-    "gamma": "weight γ of the cross-entropy with the labels (KD 0.1, PKT and CRD 1)",
-    "kd_weight": "weight α of the KD term (KD 0.9)",
-    "beta": "weight β of the feature term (PKT 30000, CRD 0.8)",
-    "rho": "KCD's final keep-ratio ρ (0.7)",
-    "cost_exponent": "exponent α of KCD's cost-aware value score (F/T)^α · V (0.03)",
-}
+# The course's knobs: a build option named as the run option it sets -> whose option it is. A loss knob sets that
+# option of every distiller that has it (UNIX's own loss is UNIX's protocol and keeps its values); a KCD knob sets
+# it on every KCD run (the tables that vary one keep their own value).
+KNOBS = {"temperature": "loss", "gamma": "loss", "kd_weight": "loss", "beta": "loss", "rho": "kcd",
+         "cost_exponent": "kcd"}  # fmt: skip
 
 NOTEBOOK_DEFAULTS = {"data_root": "../data", "runs_dir": "../runs"}
 
@@ -68,12 +54,14 @@ class BuildOptions:
     epochs: int | None = None  # a rehearsal shortens the schedule (the paper: 240)
     stage_epochs: int | None = None  # KCD's stage length T (the paper: 40)
     teacher_epochs: int | None = None
-    temperature: float | None = None  # KD temperature T (4)
-    gamma: float | None = None  # weight γ of the cross-entropy with the labels (KD 0.1, PKT and CRD 1)
-    kd_weight: float | None = None  # weight α of the KD term (0.9)
-    beta: float | None = None  # weight β of the feature term (PKT 30000, CRD 0.8)
-    rho: float | None = None  # KCD's final keep-ratio ρ (0.7)
-    cost_exponent: float | None = None  # exponent α of KCD's value score (F/T)^α · V (0.03)
+    temperature: float | None = field(default=None, metadata={"help": "KD temperature T (4)"})
+    gamma: float | None = field(default=None, metadata={
+        "help": "weight γ of the cross-entropy with the labels (KD 0.1, PKT and CRD 1)"})  # fmt: skip
+    kd_weight: float | None = field(default=None, metadata={"help": "weight α of the KD term (KD 0.9)"})
+    beta: float | None = field(default=None, metadata={"help": "weight β of the feature term (PKT 30000, CRD 0.8)"})
+    rho: float | None = field(default=None, metadata={"help": "KCD's final keep-ratio ρ (0.7)"})
+    cost_exponent: float | None = field(default=None, metadata={
+        "help": "exponent α of KCD's cost-aware value score (F/T)^α · V (0.03)"})  # fmt: skip
     progress_file: str | None = None  # kcd book's: where the session reports the run and epoch in progress
     book_root: str | None = None  # kcd book's: paths are shown relative to the book
 
@@ -112,6 +100,11 @@ class BuildOptions:
     @classmethod
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """What the field ``name`` sets (the command line's help)."""
+        return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)
 
     @classmethod
     def from_mapping(cls, given: Mapping[str, Any]) -> BuildOptions:
@@ -161,9 +154,9 @@ class BuildOptions:
         p = get_profile(profile or self.profile)
         schedule = self.schedule()
         knobs = {"loss": {}, "kcd": {}}
-        for name, (owner, option) in KNOBS.items():
+        for name, owner in KNOBS.items():
             if getattr(self, name) is not None:
-                knobs[owner][option] = getattr(self, name)
+                knobs[owner][name] = getattr(self, name)
         p = p.with_options(seeds=self.seeds, **schedule, loss_options={**p.loss_options, **knobs["loss"]},
                            kcd_options={**p.kcd_options, **knobs["kcd"]})  # fmt: skip
         # KCD's own rules (I a multiple of T, ρ in (0, 1], ...) are KCD's options' (kcdlib.methods); the book's is

@@ -18,7 +18,7 @@ import textwrap
 import warnings
 
 from . import archive, cluster, distributed, models
-from .buildoptions import KNOB_HELP, KNOBS, BuildOptions
+from .buildoptions import KNOBS, BuildOptions
 from .data import DECODES
 from .distillers import DISTILLERS
 from .errors import BadOption, KcdError
@@ -69,9 +69,9 @@ def add_stale(p: argparse.ArgumentParser) -> None:
 def add_knobs(group, *owners: str) -> None:
     """The loss and KCD knobs (:data:`kcdlib.buildoptions.KNOBS`) of ``owners`` as flags: ``--kd-weight`` sets the
     option ``kd_weight``, one name from the flag to the record."""
-    for name, (owner, _) in KNOBS.items():
+    for name, owner in KNOBS.items():
         if owner in owners:
-            group.add_argument(f"--{name.replace('_', '-')}", type=float, help=KNOB_HELP[name])
+            group.add_argument(f"--{name.replace('_', '-')}", type=float, help=BuildOptions.help(name))
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="build the book in this folder (default: the checkout itself)")
     b.add_argument("--jobs", type=at_least(1), default=1, help="notebooks executed at a time (default 1)")
     b.add_argument("--devices", help="comma-separated devices to spread runs over, e.g. cuda:0,cuda:1")
+    b.add_argument("--seeds", type=seed_list, help="comma-separated seeds of every table's runs, e.g. 0,1,2 (default: "
+                   "the profile's)")  # fmt: skip
     b.add_argument(
         "--jobs-per-device", type=at_least(1), default=1, help="runs trained at once on each device (default 1)"
     )
@@ -214,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("-y", "--yaml", action="append", default=[], help="parameters as YAML, for lists: 'seeds: [0, 1]'")
     n.add_argument("--out", help="the executed notebook (default: NAME.ipynb here)")
     return parser
+
+
+def seed_list(text: str) -> list[int]:
+    """An argparse type: ``0,1,2``."""
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of whole numbers") from None
 
 
 def build_options(args, repo) -> BuildOptions:
@@ -261,9 +271,9 @@ def guess_arch(path: str) -> str:
 
 
 # The flags of `kcd distill` -> the options they set: the knobs' own (kcdlib.buildoptions.KNOBS), and the rest.
-DISTILLER_FLAGS = {name: option for name, (owner, option) in KNOBS.items() if owner == "loss"}
+DISTILLER_FLAGS = {name: name for name, owner in KNOBS.items() if owner == "loss"}
 METHOD_FLAGS = {
-    "kcd": {**{name: option for name, (owner, option) in KNOBS.items() if owner == "kcd"},
+    "kcd": {**{name: name for name, owner in KNOBS.items() if owner == "kcd"},
             "stage_epochs": "stage_epochs", "schedule": "schedule", "augment": "augment", "eps_m": "eps_m",
             "value": "value"},
     "unix": {"unix_k": "k", "unix_b": "b", "unix_w": "w"},
