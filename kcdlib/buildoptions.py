@@ -22,6 +22,7 @@ from . import distillers, methods
 from .errors import BadOption
 from .fastpath import COMPILE_MODES
 from .identity import MAX_SEED
+from .options import checked_list
 from .options import device as resolve_device
 from .profiles import Profile, get_profile
 from .runs import STALE_POLICIES
@@ -75,13 +76,13 @@ class BuildOptions:
                 object.__setattr__(self, name, str(value))
         if self.device is not None:
             resolve_device(self.device)
-        object.__setattr__(self, "devices", _tuple_of("devices", self.devices, lambda d: isinstance(d, str),
-                                                      "device names"))  # fmt: skip
+        devices = checked_list("build option devices", self.devices, lambda d: isinstance(d, str), "device names")
+        object.__setattr__(self, "devices", devices)
         for d in self.devices or ():
             resolve_device(d)
-        object.__setattr__(self, "seeds", _tuple_of(
-            "seeds", self.seeds, lambda s: _whole(s) and 0 <= s <= MAX_SEED, f"whole numbers in [0, {MAX_SEED}]"
-        ))  # fmt: skip
+        seeds = checked_list("build option seeds", self.seeds, lambda s: _whole(s) and 0 <= s <= MAX_SEED,
+                             f"whole numbers in [0, {MAX_SEED}]")  # fmt: skip
+        object.__setattr__(self, "seeds", seeds)
         for name in ("jobs_per_device", "epochs", "stage_epochs", "teacher_epochs"):
             value = getattr(self, name)
             if (value is not None or name == "jobs_per_device") and not (_whole(value) and value >= 1):
@@ -174,15 +175,3 @@ class BuildOptions:
 
 def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _tuple_of(name: str, value: Any, ok, what: str) -> tuple | None:
-    """A build option that is a list (``-y 'build: {seeds: [0, 1]}'``), each element checked."""
-    if value is None:
-        return None
-    if not isinstance(value, list | tuple):
-        raise BadOption(f"build option {name} must be a list of {what}, got {value!r}")
-    bad = [v for v in value if not ok(v)]
-    if bad or not value:
-        raise BadOption(f"build option {name} must be a non-empty list of {what}, got {list(value)!r}")
-    return tuple(value)

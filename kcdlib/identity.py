@@ -144,7 +144,7 @@ def canonical_json(obj: Any) -> str:
 
 def identity(cfg: RunConfig, data: dict[str, Any], code: str) -> dict[str, Any]:
     """Everything that changes ``cfg``'s result: its options, the fingerprint of its ``data``, the numerics version
-    and the digest of the ``code`` that computes it. Its :func:`digest` names the run's folder."""
+    and the digest of the ``code`` that computes it. Its :func:`identity_digest` names the run's folder."""
     return {"run": cfg.canonical(), "data": data, "numerics": NUMERICS_VERSION, "code": code}
 
 

@@ -28,6 +28,18 @@ class Option:
     choices: tuple[str, ...] = ()
 
 
+def checked_list(what: str, value: Any, ok: Callable[[Any], bool], elements: str) -> tuple | None:
+    """``value`` (None, or a list given as ``-y 'name: [0, 1]'``) as a tuple, each element checked: ``what`` names
+    the parameter in the message (``"build option seeds"``), ``elements`` says what each must be."""
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple):
+        raise BadOption(f"{what} must be a list of {elements} (-y 'name: [...]'), got {value!r}")
+    if not value or any(not ok(v) for v in value):
+        raise BadOption(f"{what} must be a non-empty list of {elements}, got {list(value)!r}")
+    return tuple(value)
+
+
 def positive() -> dict[str, Any]:
     return {"rule": "> 0", "check": lambda v: v > 0}
 

@@ -24,6 +24,7 @@ from .. import data as datasets
 from ..errors import BadOption
 from ..identity import RunConfig, distill_config, loss_of, teacher_config
 from ..methods import METHODS
+from ..options import checked_list
 from ..profiles import Profile, get_profile
 
 if TYPE_CHECKING:
@@ -224,7 +225,7 @@ def apply_parameters(p: Profile, **given: Any) -> Profile:
         else:
             raise BadOption(f"unknown parameter {name}")
         if isinstance(current, tuple):
-            value = tuple(list_of(name, value, lambda v, c=current: like(v, c[0]) if c else True,
+            value = tuple(checked_list(f"parameter {name}", value, lambda v, c=current: like(v, c[0]) if c else True,
                                   f"values like {current[:2]}"))  # fmt: skip
         elif not like(value, current):
             raise BadOption(f"parameter {name} must be like {current!r}, got {value!r}")
@@ -245,15 +246,3 @@ def like(value: Any, example: Any) -> bool:
     if isinstance(example, float):
         return isinstance(value, int | float) and math.isfinite(value)
     return isinstance(value, type(example))
-
-
-def list_of(name: str, value: Any, ok: Callable[[Any], bool], what: str) -> list | None:
-    """A notebook parameter that must be a list (``-y 'seeds: [0, 1]'``), each element checked."""
-    if value is None:
-        return None
-    if not isinstance(value, list | tuple):
-        raise BadOption(f"parameter {name} must be a list of {what} (papermill: -y '{name}: [...]'), got {value!r}")
-    bad = [v for v in value if not ok(v)]
-    if bad or not value:
-        raise BadOption(f"parameter {name} must be a non-empty list of {what}, got {list(value)!r}")
-    return list(value)
