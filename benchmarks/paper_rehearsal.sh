@@ -143,6 +143,7 @@ from pathlib import Path
 
 from kcdlib import artefacts
 from kcdlib.artefacts import five_minutes
+from kcdlib.buildoptions import BuildOptions
 
 
 def main(profile, data_root, runs_dir, out, device, jpd, epochs, stage, teacher, compile_mode):
@@ -153,9 +154,9 @@ def main(profile, data_root, runs_dir, out, device, jpd, epochs, stage, teacher,
     for i, name in enumerate(names, 1):
         t = time.perf_counter()
         print(f"[{i}/{len(names)}] {name}: executing ...", flush=True)
-        session = artefacts.setup(profile, runs_dir, data_root, device, jobs_per_device=int(jpd),
-                                  compile=compile_mode, epochs=int(epochs), stage_epochs=int(stage),
-                                  teacher_epochs=int(teacher))
+        session = artefacts.setup(BuildOptions(
+            profile=profile, runs_dir=runs_dir, data_root=data_root, device=device, jobs_per_device=int(jpd),
+            compile=compile_mode, epochs=int(epochs), stage_epochs=int(stage), teacher_epochs=int(teacher)))
         p, store = session.profile, session.store
         artefact = artefacts.get(name)
         session.ensure(artefact.runs(p), progress=False)
@@ -172,10 +173,12 @@ def main(profile, data_root, runs_dir, out, device, jpd, epochs, stage, teacher,
                        "kcd_computation": kcd["computation"]}
         else:
             made = artefact.build(session)
-            made.data.to_csv(out / f"{name}.csv", index=False)
+            # A figure's numbers are its data; the trade-off's, its table (beside its own plot).
+            data = made.table.data if hasattr(made, "table") else made.data
+            data.to_csv(out / f"{name}.csv", index=False)
             numbers = made.key_numbers
-            if name == "figure5":
-                made.figure.savefig(out / "figure5.png")
+            if hasattr(made, "figure"):
+                made.figure.savefig(out / f"{name}.png")
             else:
                 print(made.caption)
         (out / f"{name}.json").write_text(json.dumps(numbers, default=str, indent=1) + "\n")
