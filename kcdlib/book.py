@@ -16,7 +16,6 @@ cell first.
 from __future__ import annotations
 
 import ast
-import difflib
 import re
 import shutil
 import subprocess
@@ -32,6 +31,7 @@ from .buildoptions import NOTEBOOK_DEFAULTS, BuildOptions
 from .errors import BadOption, KcdError
 from .options import device as resolve_device
 from .profiles import get_profile
+from .registry import did_you_mean
 
 # Where the package sits in a checkout: the book's sources are beside it.
 REPO = Path(__file__).resolve().parents[1]
@@ -96,9 +96,8 @@ def check_parameters(name: str, nb, parameters: dict) -> None:
         declared += BuildOptions.names()
     for given in parameters:
         if given not in declared:
-            close = difflib.get_close_matches(given, declared, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"its parameters: {', '.join(declared)}"
-            raise BadOption(f"notebook '{name}' has no parameter '{given}' ({hint})")
+            hint = did_you_mean(given, declared) or f" (its parameters: {', '.join(declared)})"
+            raise BadOption(f"notebook '{name}' has no parameter '{given}'{hint}")
 
 
 def read_notebook(source: Path):
@@ -356,9 +355,7 @@ def run_notebook(name: str, parameters: dict, target: str | Path, echo=print) ->
     """``kcd notebook``: execute the book's notebook ``name`` with ``parameters`` (checked against its
     ``parameters`` cell) into ``target``, printing the run and epoch in progress as ``kcd book`` does."""
     if name not in notebooks():
-        close = difflib.get_close_matches(name, notebooks(), n=1)
-        raise BadOption(f"no notebook '{name}'" + (f" (did you mean '{close[0]}'?)" if close else "")
-                        + f": one of {', '.join(notebooks())}")  # fmt: skip
+        raise BadOption(f"no notebook '{name}'{did_you_mean(name, notebooks())}: one of {', '.join(notebooks())}")
     target = Path(target).resolve()
     build = dict(parameters.get("build") or {})
     build.update({k: v for k, v in parameters.items() if k in BuildOptions.names()})

@@ -25,6 +25,7 @@ from .identity import MAX_SEED
 from .options import checked_list
 from .options import device as resolve_device
 from .profiles import Profile, get_profile
+from .registry import did_you_mean
 from .runs import STALE_POLICIES
 
 # The course's knobs: a build option named as the run option it sets -> whose option it is. A loss knob sets that
@@ -111,12 +112,9 @@ class BuildOptions:
     def from_mapping(cls, given: Mapping[str, Any]) -> BuildOptions:
         """From a mapping of field names (a notebook's ``build``, ``kcd book``'s flags); an unknown name is refused
         with the closest field."""
-        import difflib
-
         for name in given:
             if name not in cls.names():
-                close = difflib.get_close_matches(str(name), cls.names(), n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                hint = did_you_mean(str(name), cls.names())
                 raise BadOption(f"unknown build option '{name}'{hint}: one of {', '.join(cls.names())}")
         return cls(**given)
 

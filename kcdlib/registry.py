@@ -21,6 +21,13 @@ T = TypeVar("T")
 _NOTHING = object()
 
 
+def did_you_mean(name: Any, known: Iterable[str]) -> str:
+    """`` (did you mean 'kcd'?)`` for a near miss of one of ``known``, else ``""``: what every refusal of an unknown
+    name adds (a registry's, a build option's, a notebook's parameter)."""
+    close = difflib.get_close_matches(name, list(known), n=1) if isinstance(name, str) else []
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 class Registry(Mapping[str, T], Generic[T]):
     """Named entries of one ``kind`` (the word the error messages use: ``'architecture'``, ``'method'`` ...)."""
 
@@ -49,10 +56,10 @@ class Registry(Mapping[str, T], Generic[T]):
         closest one (``unknown method 'kdc' (did you mean 'kcd'?); known methods: kcd, kd, unix``)."""
         if name in self:
             return name
-        close = difflib.get_close_matches(name, self._entries, n=1) if isinstance(name, str) else []
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
         known = ", ".join(sorted(self._entries)) or "none"
-        raise UnknownName(f"unknown {self.kind} '{name}'{hint}; known {self.kind}s: {known}")
+        raise UnknownName(
+            f"unknown {self.kind} '{name}'{did_you_mean(name, self._entries)}; known {self.kind}s: {known}"
+        )
 
     def names(self) -> tuple[str, ...]:
         """The registered names, in registration order."""
