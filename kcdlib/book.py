@@ -49,7 +49,7 @@ PARTS = (
 # those go to the failing notebook's log file (see _kernel_manager), not to the terminal.
 KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
 # Cells the rendered book does not show: papermill's injected parameters (they hold this machine's absolute paths);
-# and folds: the parameters cell (25 lines before the artefact; a click shows them).
+# and folds: the parameters cell (a click shows it).
 HIDDEN_TAGS = {"injected-parameters": "remove-cell", "parameters": "hide-cell"}
 
 
@@ -134,20 +134,9 @@ def execute_notebook(
                 cwd=str(source.parent), extra_arguments=KERNEL_ARGUMENTS,
                 kernel_manager_class=_kernel_manager(kernel_stderr),
             )  # fmt: skip
-            error = None
-        except PapermillExecutionError as err:
-            error = err
-        kernel_stderr.seek(0)
-        kernel_log = kernel_stderr.read()
-    if error is not None:
-        err, log = error, target.with_suffix(".log")
-        text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(err.traceback)) + "\n"
-        log.write_text(text + (f"\nThe kernel's own log:\n{kernel_log}" if kernel_log.strip() else ""))
-        # papermill counts the injected-parameters cell; the error of one of ours is its message, as the CLI's.
-        what = err.evalue.rstrip(".") if err.ename in _kcd_error_names() else f"{err.ename}: {err.evalue.rstrip('.')}"
-        raise NotebookFailed(
-            f"notebook '{source.stem}' (cell {err.exec_count}): {what}. Full traceback: {log}"
-        ) from None
+        except PapermillExecutionError as err:  # papermill has shut the kernel down: its log is whole
+            kernel_stderr.seek(0)
+            raise _failed(source.stem, target.with_suffix(".log"), err, kernel_stderr.read()) from None
     nb = nbformat.read(target, as_version=4)
     for cell in nb.cells:
         tags = cell.metadata.get("tags", [])
@@ -155,6 +144,15 @@ def execute_notebook(
         if hide:
             cell.metadata["tags"] = [*tags, *hide]
     nbformat.write(nb, target)
+
+
+def _failed(name: str, log: Path, err, kernel_log: str) -> NotebookFailed:
+    """The one-line error of notebook ``name``'s failed cell; its traceback (and the kernel's own log) go to ``log``."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(err.traceback)) + "\n"
+    log.write_text(text + (f"\nThe kernel's own log:\n{kernel_log}" if kernel_log.strip() else ""))
+    # papermill counts the injected-parameters cell; the error of one of ours is its message, as the CLI's.
+    what = err.evalue.rstrip(".") if err.ename in _kcd_error_names() else f"{err.ename}: {err.evalue.rstrip('.')}"
+    return NotebookFailed(f"notebook '{name}' (cell {err.exec_count}): {what}. Full traceback: {log}")
 
 
 def _kernel_manager(stderr):

@@ -1,5 +1,6 @@
-"""A notebook's session: the profile with the notebook's parameters applied, the run store, and where missing runs
-are trained. Every parameter is checked here, with the command line's rules, before any run."""
+"""A notebook's session: the profile with the build's options (:class:`~kcdlib.buildoptions.BuildOptions`, checked
+where they are made) and the notebook's own parameters applied, the run store, and where missing runs are trained.
+Every parameter is checked before any run."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 from .. import options
 from ..archive import FROM_RECORDS_ENV, recorded_code, recorded_fingerprints
 from ..buildoptions import BuildOptions
-from ..identity import RunConfig
+from ..identity import RunConfig, with_teachers
 from ..profiles import Profile, published_teachers
 from ..runs import RunStore
 from .captions import non_default_options
@@ -55,8 +56,6 @@ class Session:
             ensure_all(missing, str(store.root), store.data_root, self.devices, self.jobs_per_device, progress,
                        store.compile, store.stale)  # fmt: skip
         # A teacher run the store would train inside its student's ensure() gets its own turn (and label) first.
-        from ..identity import with_teachers
-
         order = with_teachers(configs)
         records = {}
         for i, cfg in enumerate(tqdm(order, desc="runs", unit="run", disable=not progress, mininterval=2.0), 1):
