@@ -23,7 +23,6 @@ import torch
 
 from . import archive, artefacts
 from .artefacts.captions import non_default_options
-from .artefacts.declare import apply_parameters
 from .buildoptions import BuildOptions
 from .errors import DatasetInvalid, DatasetMissing
 from .estimate import (
@@ -84,17 +83,15 @@ def plan(
     *,
     devices: Sequence[str] | None = None,
     jobs_per_device: int | None = None,
-    epochs: int | None = None,
-    stage_epochs: int | None = None,
-    teacher_epochs: int | None = None,
     timer: Callable[..., StepCost] | None = None,
     echo: Callable[[str], None] | None = None,
 ) -> pd.DataFrame:
     """Every run the book needs for ``profile`` (one row each, in the book's order; a teacher that only a listed
     run needs comes before it), whether ``store`` holds its finished record, and its estimated device time on
     ``store.device`` (``est_s``, timed here) and on the measured GPU (``gpu_s``, extrapolated from its figures).
-    Trains nothing. ``epochs``, ``stage_epochs``, ``teacher_epochs`` shorten the profile as ``kcd book`` does;
-    ``devices`` and ``jobs_per_device`` default to the store's device, one run at a time.
+    Trains nothing. ``profile`` is a build's (:meth:`kcdlib.buildoptions.BuildOptions.applied`, a rehearsal's
+    schedule included, as :func:`plan_command` makes it); ``devices`` and ``jobs_per_device`` default to the
+    store's device, one run at a time.
 
     The totals are in ``frame.attrs`` (:func:`format_plan` prints them): device time of the runs still to train
     and of all, and the wall time with ``jobs_per_device`` runs at once on each device.
@@ -102,16 +99,13 @@ def plan(
     The host side runs on :data:`CPU_TIMING_THREADS` thread (the timed CPU steps, the multiply-add counts)."""
     try:
         with cpu_threads(CPU_TIMING_THREADS):
-            return _plan(get_profile(profile), store, devices, jobs_per_device, epochs, stage_epochs, teacher_epochs,
-                         timer, echo)  # fmt: skip
+            return _plan(get_profile(profile), store, devices, jobs_per_device, timer, echo)
     finally:
         forget_networks()
 
 
-def _plan(p, store, devices, jobs_per_device, epochs, stage_epochs, teacher_epochs, timer, echo) -> pd.DataFrame:
+def _plan(p, store, devices, jobs_per_device, timer, echo) -> pd.DataFrame:
     timer = timer or time_steps
-    if any(v is not None for v in (epochs, stage_epochs, teacher_epochs)):
-        p = apply_parameters(p, epochs=epochs, stage_epochs=stage_epochs, teacher_epochs=teacher_epochs)
     devices = list(devices or [str(store.device)])
     jobs = jobs_per_device or 1
     echo = echo or (lambda line: None)

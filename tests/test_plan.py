@@ -9,6 +9,7 @@ import torch
 
 from kcdlib import artefacts, cli, estimate, files, plan
 from kcdlib.artefacts import declare
+from kcdlib.buildoptions import BuildOptions
 from kcdlib.identity import with_teachers
 from kcdlib.profiles import get_profile
 from kcdlib.runs import RunStore
@@ -88,9 +89,10 @@ def test_missing_dataset_gives_unknown_status_not_a_traceback(tmp_path, monkeypa
 
 
 def test_schedule_overrides_and_jobs_reach_the_plan(tmp_path):
-    store = RunStore(tmp_path / "runs", "/nonexistent", "cpu")
-    frame = plan.plan("course", store, epochs=12, stage_epochs=2, teacher_epochs=6, jobs_per_device=4,
-                      timer=fake_timer)  # fmt: skip
+    build = BuildOptions(profile="course", runs_dir=str(tmp_path / "runs"), data_root="/nonexistent", device="cpu",
+                         epochs=12, stage_epochs=2, teacher_epochs=6)  # fmt: skip
+    session = artefacts.setup(build)
+    frame = plan.plan(session.profile, session.store, jobs_per_device=4, timer=fake_timer)
     assert set(frame.epochs) == {12, 6}
     assert frame.attrs["jobs_per_device"] == 4
     assert frame.attrs["scheduled_s"] == pytest.approx(frame.attrs["to_train_s"])  # a CPU gains nothing
